@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Each creates .venv with python3.11 and installs the pinned stack when it is missing or stale.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test test-all venv clean
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	# one pip command so that xformers is resolved together with the pinned torch
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fusionkit demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

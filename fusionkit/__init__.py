@@ -1,0 +1,12 @@
+"""fusionkit: a modular multimodal fusion toolkit for PyTorch.
+
+``import fusionkit`` registers every built-in expert, fusion operator, head, frontend, dataset,
+attention kernel and window; ``fusionkit.registry`` holds the registries.
+"""
+
+from fusionkit import attention, experts, frontends  # noqa: F401 - imported to register built-ins
+from fusionkit.registry import DATASETS, EXPERTS, FRONTENDS, FUSIONS, HEADS, KERNELS, REGISTRIES, WINDOWS
+
+__version__ = "0.1.0"
+
+__all__ = ["DATASETS", "EXPERTS", "FRONTENDS", "FUSIONS", "HEADS", "KERNELS", "REGISTRIES", "WINDOWS", "__version__"]

@@ -1,0 +1,212 @@
+"""Attention kernels: the only place in fusionkit that knows about xformers or SDPA.
+
+Entry point :func:`attention` computes ``softmax(q kᵀ · scale + bias) v`` for tensors in the
+``(B, H, L, K)`` layout (batch, heads, tokens, head dim) with one of three backends:
+
+========  ==================================================================================
+eager     reference maths in plain PyTorch (tests compare everything against it)
+sdpa      ``torch.nn.functional.scaled_dot_product_attention``
+xformers  ``xformers.ops.memory_efficient_attention`` (CUDA only; imported lazily; BMHK layout)
+========  ==================================================================================
+
+``auto`` (the default) picks xformers for CUDA tensors of a dtype it has a kernel for, else SDPA.
+Force one with :func:`use_backend` (a context manager) or the environment variable
+``FUSIONKIT_ATTENTION`` (``eager`` / ``sdpa`` / ``xformers`` / ``auto``).
+
+Biases: ``None``; a float tensor added to the logits; a bool tensor (``True`` = may attend);
+or a :class:`BlockDiagonal` (ragged sequences packed along the token axis, which becomes an
+xformers ``BlockDiagonalMask`` on CUDA and a materialised mask elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fusionkit.registry import KERNELS
+
+BACKENDS = ("auto", "eager", "sdpa", "xformers")
+ENV_VAR = "FUSIONKIT_ATTENTION"
+
+_forced: list[str] = []
+
+
+@dataclass(frozen=True)
+class BlockDiagonal:
+    """Ragged sequences packed along the token axis: query sequence i (``q_seqlens[i]`` tokens)
+    attends only to key sequence i (``kv_seqlens[i]`` tokens). Applies to every batch element."""
+
+    q_seqlens: tuple[int, ...]
+    kv_seqlens: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.q_seqlens) != len(self.kv_seqlens):
+            raise ValueError(
+                f"BlockDiagonal: {len(self.q_seqlens)} query sequences but {len(self.kv_seqlens)} key sequences"
+            )
+
+    @classmethod
+    def self_attention(cls, seqlens: Sequence[int]) -> BlockDiagonal:
+        return cls(tuple(int(s) for s in seqlens), tuple(int(s) for s in seqlens))
+
+    def materialize(self, device: torch.device | None = None) -> Tensor:
+        """The ``(Lq, Lk)`` bool mask, ``True`` where a query may attend a key."""
+        q_ids = torch.repeat_interleave(torch.arange(len(self.q_seqlens), device=device),
+                                        torch.tensor(self.q_seqlens, device=device))
+        k_ids = torch.repeat_interleave(torch.arange(len(self.kv_seqlens), device=device),
+                                        torch.tensor(self.kv_seqlens, device=device))
+        return q_ids[:, None] == k_ids[None, :]
+
+
+Bias = Tensor | BlockDiagonal | None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force an attention backend inside a ``with`` block (nestable)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(BACKENDS)}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def requested_backend() -> str:
+    """The backend asked for by :func:`use_backend`, else ``$FUSIONKIT_ATTENTION``, else ``auto``."""
+    if _forced:
+        return _forced[-1]
+    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"${ENV_VAR}={name!r} is not a valid attention backend; valid: {', '.join(BACKENDS)}")
+    return name
+
+
+@functools.cache
+def _xformers_ops():  # noqa: ANN202 - module or None
+    """Import ``xformers.ops`` once, silencing the warning about its unloadable C++ extension."""
+    logger = logging.getLogger("xformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import xformers.ops as xops
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    finally:
+        logger.setLevel(level)
+    return xops
+
+
+def xformers_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether xformers has a kernel for tensors on ``device`` of ``dtype`` (CUDA only)."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32) and _xformers_ops() is not None
+
+
+def resolve_backend(q: Tensor) -> str:
+    """The backend that :func:`attention` uses for ``q`` right now."""
+    name = requested_backend()
+    if name == "auto":
+        return "xformers" if xformers_available(q.device, q.dtype) else "sdpa"
+    if name == "xformers" and not xformers_available(q.device, q.dtype):
+        raise RuntimeError(
+            f"attention backend 'xformers' was forced but has no kernel for {q.dtype} on {q.device.type} "
+            "(xformers' memory_efficient_attention runs on CUDA only); use 'sdpa' or 'auto'"
+        )
+    return name
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Bias = None, dropout_p: float = 0.0,
+              scale: float | None = None) -> Tensor:
+    """Multi-head attention ``softmax(q kᵀ · scale + bias) v``.
+
+    Args:
+        q: queries ``(B, H, Lq, K)``.
+        k: keys ``(B, H, Lk, K)``.
+        v: values ``(B, H, Lk, Kv)``.
+        bias: ``None``, additive float tensor or bool mask broadcastable to ``(B, H, Lq, Lk)``
+            (``True`` = may attend), or a :class:`BlockDiagonal`.
+        dropout_p: attention dropout probability (apply only in training).
+        scale: logit scale, default ``K ** -0.5``.
+
+    Returns:
+        ``(B, H, Lq, Kv)``.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects (B, H, L, K) tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if isinstance(bias, BlockDiagonal):
+        if sum(bias.q_seqlens) != q.shape[2] or sum(bias.kv_seqlens) != k.shape[2]:
+            raise ValueError(f"BlockDiagonal covers {sum(bias.q_seqlens)} queries / {sum(bias.kv_seqlens)} keys "
+                             f"but q has {q.shape[2]} and k has {k.shape[2]} tokens")
+    return KERNELS.get(resolve_backend(q))(q, k, v, bias, dropout_p, scale)
+
+
+def _dense_bias(bias: Bias, device: torch.device) -> Tensor | None:
+    return bias.materialize(device) if isinstance(bias, BlockDiagonal) else bias
+
+
+@KERNELS.register("eager")
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, bias: Bias = None, dropout_p: float = 0.0,
+                    scale: float | None = None) -> Tensor:
+    """Reference maths in plain PyTorch (softmax of scaled logits); slow, exact, for tests."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q * scale) @ k.transpose(-2, -1)
+    bias = _dense_bias(bias, q.device)
+    if bias is not None:
+        logits = logits.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else logits + bias
+    weights = logits.softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v
+
+
+@KERNELS.register("sdpa")
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Bias = None, dropout_p: float = 0.0,
+                   scale: float | None = None) -> Tensor:
+    """PyTorch scaled_dot_product_attention (flash / memory-efficient / math, chosen by PyTorch)."""
+    bias = _dense_bias(bias, q.device)
+    if bias is not None and bias.dtype != torch.bool:
+        bias = bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+
+
+@KERNELS.register("xformers")
+def xformers_attention(q: Tensor, k: Tensor, v: Tensor, bias: Bias = None, dropout_p: float = 0.0,
+                       scale: float | None = None) -> Tensor:
+    """xformers memory_efficient_attention on CUDA (BMHK layout; block-diagonal masks native)."""
+    xops = _xformers_ops()
+    if xops is None:
+        raise RuntimeError("xformers is not importable")
+    B, H, Lq, _ = q.shape
+    qx, kx, vx = (t.transpose(1, 2) for t in (q, k, v))  # (B, L, H, K)
+    if isinstance(bias, BlockDiagonal):
+        from xformers.ops import fmha
+
+        mask = fmha.BlockDiagonalMask.from_seqlens(list(bias.q_seqlens) * B, list(bias.kv_seqlens) * B)
+        flat = [t.reshape(1, B * t.shape[1], H, t.shape[-1]) for t in (qx, kx, vx)]
+        out = xops.memory_efficient_attention(*flat, attn_bias=mask, p=dropout_p, scale=scale)
+        return out.reshape(B, Lq, H, -1).transpose(1, 2)
+    if bias is not None:
+        if bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill(~bias, float("-inf"))
+        Lk = k.shape[2]
+        # xformers wants a dense (B, H, Lq, Lk) bias whose last dim is stored 8-aligned
+        pad = (-Lk) % 8
+        full = torch.zeros(B, H, Lq, Lk + pad, dtype=q.dtype, device=q.device)
+        full[..., :Lk] = bias.to(q.dtype)
+        bias = full[..., :Lk]
+    out = xops.memory_efficient_attention(qx, kx, vx, attn_bias=bias, p=dropout_p, scale=scale)
+    return out.transpose(1, 2)

@@ -1,0 +1,10 @@
+"""Experts: frozen pretrained networks that turn a modality into tokens with a layout.
+
+Importing this package registers the built-in experts (``fusionkit list`` shows them).
+"""
+
+from fusionkit.experts.base import Expert, FrameSelect, Tokens
+from fusionkit.experts.block import Block
+from fusionkit.experts.timm_vit import TimmViT
+
+__all__ = ["Block", "Expert", "FrameSelect", "TimmViT", "Tokens"]

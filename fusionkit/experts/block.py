@@ -1,0 +1,82 @@
+"""The transformer layer every ViT-family expert is made of, exposed as steps.
+
+``Block.forward`` is the usual pre-norm layer; the fusion graph instead calls its steps so that
+operators can act between them::
+
+    x = block.attend(x, layout)        # x + MHSA(LN1 x) [+ adapter in series on the MHSA output]
+    ... operators at the "post_attn" site ...
+    x = block.feed_forward(x)          # x + FFN(LN2 x) [+ s · adapter(LN2 x) in parallel]
+    ... operators at the "post_mlp" site ...
+
+Operators that re-run the frozen attention on regrouped tokens (AV-STFP, MM-ViT) call
+``block.norm1`` and ``block.attn(h, kv=...)`` with a window of their own
+(:func:`fusionkit.attention.windowed`). Children use timm's names (norm1, attn, ls1, drop_path1,
+norm2, mlp, ls2, drop_path2).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from fusionkit.attention import Attention, TokenLayout, Window, make_window, windowed
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer over ``(B, L, D)`` tokens attending within ``window``.
+
+    Args:
+        dim: width ``D``.
+        attn: the multi-head attention (:class:`~fusionkit.attention.Attention`).
+        mlp: the feed-forward network ``(…, D) → (…, D)``.
+        norm1, norm2: the pre-norms.
+        window: the expert's own attention window (``space`` for an image model applied per frame,
+            ``global`` for a video or audio model).
+        ls1, ls2: layer scales (identity when the model has none).
+        drop_path: stochastic-depth probability of the residual branches.
+    """
+
+    def __init__(self, dim: int, attn: Attention, mlp: nn.Module, norm1: nn.Module, norm2: nn.Module,
+                 window: str | Window = "global", ls1: nn.Module | None = None, ls2: nn.Module | None = None,
+                 drop_path: float = 0.0) -> None:
+        super().__init__()
+        from timm.layers import DropPath
+
+        self.dim = dim
+        self.window = make_window(window)
+        self.norm1 = norm1
+        self.attn = attn
+        self.ls1 = ls1 or nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm2
+        self.mlp = mlp
+        self.ls2 = ls2 or nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.attn_adapter: nn.Module | None = None
+        self.mlp_adapter: nn.Module | None = None
+        self.mlp_adapter_scale = 1.0
+
+    def attention_branch(self, x: Tensor, layout: TokenLayout) -> Tensor:
+        """``ls1(MHSA(LN1 x))`` within the block's window: ``(B, L, D)``, before the residual."""
+        return self.ls1(windowed(self.attn, self.norm1(x), layout, self.window))
+
+    def attend(self, x: Tensor, layout: TokenLayout) -> Tensor:
+        """Attention step: ``x + MHSA(LN1 x) [+ ADAP(MHSA(LN1 x))]``, ``(B, L, D)``."""
+        a = self.attention_branch(x, layout)
+        x = x + self.drop_path1(a)
+        if self.attn_adapter is not None:
+            x = x + self.drop_path1(self.attn_adapter(a))
+        return x
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """MLP step: ``x + FFN(LN2 x) [+ s · ADAP(LN2 x)]``, ``(B, L, D)``."""
+        h = self.norm2(x)
+        out = x + self.drop_path2(self.ls2(self.mlp(h)))
+        if self.mlp_adapter is not None:
+            out = out + self.mlp_adapter_scale * self.drop_path2(self.mlp_adapter(h))
+        return out
+
+    def forward(self, x: Tensor, layout: TokenLayout) -> Tensor:
+        return self.feed_forward(self.attend(x, layout))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, window={self.window.name}"

@@ -1,0 +1,87 @@
+"""Loading pretrained expert weights from local files (or the hub when the machine is online).
+
+``pretrained:`` in a recipe is either a path to a local file in the model's own layout
+(``.safetensors``, ``.pth``/``.pt``/``.bin``, ``.npz`` for timm) or a hub name. Offline
+(``HF_HUB_OFFLINE=1``) a hub name fails at once with a message saying what to pass instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+StateDict = dict[str, Tensor]
+
+FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".ckpt")
+WRAPPER_KEYS = ("model", "module", "state_dict", "model_state")
+
+
+class PretrainedError(RuntimeError):
+    """Pretrained weights could not be found, read or matched to the model."""
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def is_local_file(spec: str) -> bool:
+    """Whether ``spec`` names a local file (an existing path or one with a weight-file suffix)."""
+    return os.path.exists(spec) or spec.endswith(FILE_SUFFIXES) or os.sep in spec
+
+
+def require_online(spec: str, what: str) -> None:
+    """Fail at once, naming the alternative, when ``spec`` would need the hub but we are offline."""
+    if is_offline():
+        raise PretrainedError(
+            f"{what}: pretrained={spec!r} is a hub name but HF_HUB_OFFLINE is set, so nothing can be "
+            "downloaded; pass a local weight file instead (pretrained=/path/to/weights.safetensors)")
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
+    """Read a checkpoint file into a flat ``{key: tensor}``; unwraps ``model``/``state_dict`` and
+    strips a DDP ``module.`` prefix. Never unpickles arbitrary objects (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedError(f"pretrained weight file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Mapping = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except PretrainedError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise PretrainedError(f"cannot read pretrained weights {str(path)!r}: {err}") from err
+    for key in WRAPPER_KEYS:
+        if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
+            sd = sd[key]
+    if not isinstance(sd, Mapping):
+        raise PretrainedError(f"{str(path)!r} holds a {type(sd).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, Tensor)}
+
+
+def load_into(module: nn.Module, state_dict: StateDict, source: str, ignore: Callable[[str], bool] | None = None) -> None:
+    """Load ``state_dict`` strictly into ``module``; the error lists missing, unexpected and
+    mis-shaped keys with expected and actual shapes. ``ignore(key)`` drops keys of the source that
+    the expert does not use (e.g. a classifier head)."""
+    if ignore is not None:
+        state_dict = {k: v for k, v in state_dict.items() if not ignore(k)}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(v.shape)}"
+              for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        lines = [f"pretrained weights from {source} do not match {type(module).__name__}:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+                lines.append(f"  {title} ({len(items)}): {', '.join(items[:8])}{more}")
+        raise PretrainedError("\n".join(lines))
+    module.load_state_dict(state_dict, strict=True)

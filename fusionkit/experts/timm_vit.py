@@ -1,0 +1,110 @@
+"""``timm_vit``: any timm Vision Transformer, applied to each frame of a clip."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from einops import rearrange
+from torch import Tensor, nn
+
+from fusionkit.attention import Attention, TokenLayout
+from fusionkit.experts.base import Expert, FrameSelect, Tokens
+from fusionkit.experts.block import Block
+from fusionkit.experts.pretrained import PretrainedError, is_local_file, require_online
+from fusionkit.registry import EXPERTS
+
+
+def frame_select(frames: FrameSelect | dict[str, Any] | None) -> FrameSelect:
+    """A :class:`FrameSelect` from a recipe mapping (``{stride: 2, offset: 1}``) or ``None``."""
+    if frames is None:
+        return FrameSelect()
+    return frames if isinstance(frames, FrameSelect) else FrameSelect(**dict(frames))
+
+
+def attention_from_timm(attn: nn.Module) -> Attention:
+    """A fusionkit :class:`Attention` holding the weights of a timm ``Attention`` module."""
+    extra = [n for n in ("norm", "gate") if not isinstance(getattr(attn, n, None), (nn.Identity, type(None)))]
+    if extra:
+        raise ValueError(f"timm attention with {', '.join(extra)} is not supported by fusionkit's Attention")
+    dim = attn.qkv.in_features
+    new = Attention(dim, attn.num_heads, qkv_bias=attn.qkv.bias is not None,
+                    qk_norm=not isinstance(attn.q_norm, nn.Identity), attn_drop=attn.attn_drop.p,
+                    proj_drop=attn.proj_drop.p)
+    new.q_norm, new.k_norm = attn.q_norm, attn.k_norm
+    new.load_state_dict(attn.state_dict(), strict=False)
+    return new
+
+
+def block_from_timm(block: nn.Module, window: str) -> Block:
+    """Wrap a timm ViT ``Block`` (children reused, attention converted) as a fusionkit :class:`Block`."""
+    required = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+    if any(not hasattr(block, n) for n in required):
+        raise ValueError(f"timm block {type(block).__name__} is not a pre-norm ViT block (needs {', '.join(required)})")
+    new = Block(block.attn.qkv.in_features, attention_from_timm(block.attn), block.mlp, block.norm1, block.norm2,
+                window=window, ls1=block.ls1, ls2=block.ls2)
+    new.drop_path1, new.drop_path2 = block.drop_path1, block.drop_path2
+    return new
+
+
+@EXPERTS.register("timm_vit")
+class TimmViT(Expert):
+    """Any timm ViT by name, applied per frame (frame stride/offset align it with tubelets).
+
+    Args:
+        name: timm model name (``vit_base_patch16_224``, ``vit_small_patch16_224.augreg_in21k``, ...).
+        pretrained: ``None`` (random init), a local weight file in timm's layout, or ``True`` /
+            a hub tag to download (online machines only).
+        frames: frame selection (:class:`FrameSelect` or ``{stride, offset, num}``).
+        pool: ``"cls"`` or ``"avg"``; default follows the timm model's ``global_pool``.
+        drop_path: stochastic depth of the blocks.
+        frozen: freeze every parameter (default).
+        **kwargs: passed to ``timm.create_model`` (``img_size``, ``depth``, ``embed_dim``, ...).
+
+    Tokens: ``(B, T·(E + H·W), D)`` with per-frame extras (CLS, registers); attention window ``space``.
+    """
+
+    def __init__(self, name: str = "vit_base_patch16_224", pretrained: str | bool | None = None,
+                 frames: FrameSelect | dict[str, Any] | None = None, pool: str | None = None,
+                 drop_path: float = 0.0, frozen: bool = True, modality: str = "video", **kwargs: Any) -> None:
+        import timm
+
+        create: dict[str, Any] = dict(num_classes=0, drop_path_rate=drop_path, **kwargs)
+        if isinstance(pretrained, str) and is_local_file(pretrained):
+            create.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained))
+        elif pretrained:
+            require_online(name if pretrained is True else str(pretrained), f"timm_vit {name!r}")
+            create.update(pretrained=True)
+            if isinstance(pretrained, str):
+                name = f"{name.split('.')[0]}.{pretrained}"
+        try:
+            vit = timm.create_model(name, **create)
+        except Exception as err:
+            if create.get("pretrained"):
+                raise PretrainedError(f"timm_vit {name!r}: cannot load pretrained={pretrained!r}: {err}") from err
+            raise
+        super().__init__(modality, pool or ("avg" if vit.global_pool == "avg" else "cls"))
+        vit.blocks = nn.ModuleList(block_from_timm(b, "space") for b in vit.blocks)
+        vit.reset_classifier(0)
+        self.vit = vit
+        self.frames = frame_select(frames)
+        self.dims = [vit.embed_dim] * len(vit.blocks)
+        self.final_norm = vit.norm
+        self.pool_norm = vit.fc_norm
+        if frozen:
+            self.freeze()
+
+    @property
+    def layers(self) -> nn.ModuleList:  # type: ignore[override]
+        return self.vit.blocks
+
+    def embed(self, inputs: Tensor) -> Tokens:
+        """Video ``(B, 3, T, H, W)`` (frames selected) or image ``(B, 3, H, W)`` to tokens."""
+        video = self.frames(inputs) if inputs.dim() == 5 else inputs[:, :, None]
+        b, t = video.shape[0], video.shape[2]
+        x = self.vit.patch_embed(rearrange(video, "b c t h w -> (b t) c h w"))
+        grid = x.shape[1:3] if x.dim() == 4 else self.vit.patch_embed.grid_size
+        x = self.vit.norm_pre(self.vit.patch_drop(self.vit._pos_embed(x)))
+        layout = TokenLayout(t, grid[0], grid[1], self.vit.num_prefix_tokens, per_frame_extras=True)
+        return Tokens(rearrange(x, "(b t) s d -> b (t s) d", b=b), layout)
+
+

@@ -1,0 +1,1 @@
+"""Signal front-ends (waveform -> features)."""
