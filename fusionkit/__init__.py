@@ -5,8 +5,10 @@ attention kernel and window; ``fusionkit.registry`` holds the registries.
 """
 
 from fusionkit import attention, experts, frontends  # noqa: F401 - imported to register built-ins
+from fusionkit.adapters import Adapter, attach_adapters
+from fusionkit.trainable import TrainablePolicy, trainable_report
 from fusionkit.registry import DATASETS, EXPERTS, FRONTENDS, FUSIONS, HEADS, KERNELS, REGISTRIES, WINDOWS
 
 __version__ = "0.1.0"
 
-__all__ = ["DATASETS", "EXPERTS", "FRONTENDS", "FUSIONS", "HEADS", "KERNELS", "REGISTRIES", "WINDOWS", "__version__"]
+__all__ = ["Adapter", "TrainablePolicy", "attach_adapters", "trainable_report", "DATASETS", "EXPERTS", "FRONTENDS", "FUSIONS", "HEADS", "KERNELS", "REGISTRIES", "WINDOWS", "__version__"]

@@ -5,6 +5,7 @@ Importing this package registers the built-in experts (``fusionkit list`` shows 
 
 from fusionkit.experts.base import Expert, FrameSelect, Tokens
 from fusionkit.experts.block import Block
+from fusionkit.experts.timm_cnn import TimmCNN
 from fusionkit.experts.timm_vit import TimmViT
 
-__all__ = ["Block", "Expert", "FrameSelect", "TimmViT", "Tokens"]
+__all__ = ["Block", "Expert", "FrameSelect", "TimmCNN", "TimmViT", "Tokens"]

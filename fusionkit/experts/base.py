@@ -10,7 +10,9 @@ An expert exposes
   operators act between attention and MLP; CNN experts hold stages (``stage(x, layout) -> (x, layout)``);
 * ``dims``: the token width after each layer;
 * ``final_norm`` (on all tokens after the last layer), ``pool(tokens, mode)`` and ``pool_norm``
-  (after pooling) for the clip feature ``(B, D)``.
+  (after pooling) for the clip feature ``(B, D)``. Both are registered on the expert itself (never
+  also inside a wrapped model, so every parameter has one name), which lets a recipe unfreeze
+  ``experts.*.pool_norm.*`` whatever the expert.
 
 ``forward(inputs)`` runs the expert alone (no fusion) and returns the final :class:`Tokens`.
 Experts are frozen at construction unless ``frozen=False``; adapters attached later train.

@@ -88,8 +88,9 @@ class TimmViT(Expert):
         self.vit = vit
         self.frames = frame_select(frames)
         self.dims = [vit.embed_dim] * len(vit.blocks)
-        self.final_norm = vit.norm
-        self.pool_norm = vit.fc_norm
+        # the norms move out of the timm model so that each parameter has one name
+        self.final_norm, vit.norm = vit.norm, nn.Identity()
+        self.pool_norm, vit.fc_norm = vit.fc_norm, nn.Identity()
         if frozen:
             self.freeze()
 

@@ -1,0 +1,93 @@
+"""``timm_cnn``: a timm CNN (ResNet, ConvNeXt, ...) applied per frame, one layer per stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from einops import rearrange
+from torch import Tensor, nn
+
+from fusionkit.attention import TokenLayout
+from fusionkit.experts.base import Expert, FrameSelect, Tokens
+from fusionkit.experts.pretrained import PretrainedError, is_local_file, require_online
+from fusionkit.experts.timm_vit import frame_select
+from fusionkit.registry import EXPERTS
+
+
+class Stage(nn.Module):
+    """One CNN stage over tokens: ``(B, T·H·W, C)`` → feature maps → stage → ``(B, T·H'·W', C')``."""
+
+    def __init__(self, body: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.body = body
+        self.dim = dim
+
+    def forward(self, x: Tensor, layout: TokenLayout) -> tuple[Tensor, TokenLayout]:
+        fmap = rearrange(x, "b (t h w) c -> (b t) c h w", t=layout.t, h=layout.h, w=layout.w)
+        fmap = self.body(fmap)
+        out = TokenLayout(layout.t, fmap.shape[2], fmap.shape[3])
+        return rearrange(fmap, "(b t) c h w -> b (t h w) c", t=layout.t), out
+
+
+@EXPERTS.register("timm_cnn")
+class TimmCNN(Expert):
+    """Any timm CNN with per-stage features (ResNet, ConvNeXt), per frame; one layer per stage.
+
+    Args:
+        name: timm model name (``resnet50``, ``resnet18``, ``convnext_tiny``, ...).
+        pretrained: ``None``, a local weight file in timm's layout, or ``True`` (online only).
+        frames: frame selection (:class:`FrameSelect` or ``{stride, offset, num}``).
+        num_stages: the last ``num_stages`` entries of timm's ``feature_info`` become the layers
+            (4 for ResNets: ``layer1`` … ``layer4``); everything before them is the stem.
+        frozen: freeze all parameters and keep BatchNorm statistics fixed (eval mode) in training.
+
+    Tokens after layer ``i``: ``(B, T·H_i·W_i, C_i)``, no extras (``dims`` = stage widths, e.g.
+    256/512/1024/2048 for ResNet-50). Fusion operators act between stages (the ``post_layer`` site).
+    """
+
+    def __init__(self, name: str = "resnet50", pretrained: str | bool | None = None,
+                 frames: FrameSelect | dict[str, Any] | None = None, num_stages: int = 4,
+                 frozen: bool = True, modality: str = "video", **kwargs: Any) -> None:
+        import timm
+
+        create: dict[str, Any] = dict(num_classes=0, **kwargs)
+        if isinstance(pretrained, str) and is_local_file(pretrained):
+            create.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained))
+        elif pretrained:
+            require_online(name, f"timm_cnn {name!r}")
+            create.update(pretrained=True)
+        try:
+            cnn = timm.create_model(name, **create)
+        except Exception as err:
+            if create.get("pretrained"):
+                raise PretrainedError(f"timm_cnn {name!r}: cannot load pretrained={pretrained!r}: {err}") from err
+            raise
+        super().__init__(modality, "avg")
+        info = cnn.feature_info[-num_stages:]
+        first = info[0]["module"].split(".")[0]
+        children = dict(cnn.named_children())
+        stem_names = list(children)[: list(children).index(first)]
+        self.stem = nn.Sequential(*(children[n] for n in stem_names))
+        self.layers = nn.ModuleList(Stage(cnn.get_submodule(i["module"]), i["num_chs"]) for i in info)
+        self.dims = [i["num_chs"] for i in info]
+        self.frames = frame_select(frames)
+        self.frozen = frozen
+        if frozen:
+            self.freeze()
+
+    def embed(self, inputs: Tensor) -> Tokens:
+        """Video ``(B, 3, T, H, W)`` or image ``(B, 3, H, W)`` through the stem: ``(B, T·h·w, C_stem)``."""
+        video = self.frames(inputs) if inputs.dim() == 5 else inputs[:, :, None]
+        t = video.shape[2]
+        fmap = self.stem(rearrange(video, "b c t h w -> (b t) c h w"))
+        layout = TokenLayout(t, fmap.shape[2], fmap.shape[3])
+        return Tokens(rearrange(fmap, "(b t) c h w -> b (t h w) c", t=t), layout)
+
+    def train(self, mode: bool = True) -> TimmCNN:
+        """Like ``nn.Module.train``, but a frozen CNN keeps its BatchNorm layers in eval mode."""
+        super().train(mode)
+        if self.frozen:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self

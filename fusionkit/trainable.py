@@ -1,0 +1,90 @@
+"""Which parameters train: a policy from the recipe and a report of the result.
+
+Experts are frozen when built; adapters, fusion operators and heads are created trainable.
+A :class:`TrainablePolicy` then unfreezes or freezes parameters by name pattern (``fnmatch``
+syntax on ``model.named_parameters()`` names), e.g. the experts' final norms in CAST::
+
+    trainable:
+      unfreeze: ["experts.*.pool_norm.*"]
+      freeze: []
+
+A pattern that matches no parameter is an error naming the closest parameter names: a typo in
+a recipe must not silently train the wrong set.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from fusionkit.registry import closest
+
+
+@dataclass(frozen=True)
+class TrainablePolicy:
+    """Name patterns to unfreeze, then to freeze (freeze wins)."""
+
+    unfreeze: Sequence[str] = field(default_factory=tuple)
+    freeze: Sequence[str] = field(default_factory=tuple)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        names = [n for n, _ in model.named_parameters()]
+        params = dict(model.named_parameters())
+        for patterns, flag in ((self.unfreeze, True), (self.freeze, False)):
+            for pattern in patterns:
+                hits = fnmatch.filter(names, pattern)
+                if not hits:
+                    hint = ", ".join(closest(pattern, names)) or "(the model has no parameters)"
+                    raise ValueError(f"trainable pattern {pattern!r} matches no parameter; closest names: {hint}")
+                for name in hits:
+                    params[name].requires_grad_(flag)
+        return model
+
+
+@dataclass(frozen=True)
+class ParamRow:
+    name: str
+    total: int
+    trainable: int
+
+
+def trainable_report(model: nn.Module, depth: int = 1) -> list[ParamRow]:
+    """Parameter counts (total, trainable) per module prefix of ``depth`` name components, plus a
+    final ``total`` row. Shared parameters are counted once."""
+    rows: dict[str, list[int]] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        key = ".".join(name.split(".")[:depth])
+        row = rows.setdefault(key, [0, 0])
+        row[0] += p.numel()
+        row[1] += p.numel() if p.requires_grad else 0
+    out = [ParamRow(k, t, tr) for k, (t, tr) in rows.items()]
+    out.append(ParamRow("total", sum(r.total for r in out), sum(r.trainable for r in out)))
+    return out
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that require gradients."""
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def render_report(rows: list[ParamRow], title: str = "Parameters") -> "rich.table.Table":  # noqa: F821
+    """A rich table of :func:`trainable_report` rows (millions, with percentages)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("module")
+    table.add_column("total", justify="right")
+    table.add_column("trainable", justify="right")
+    table.add_column("%", justify="right")
+    for r in rows:
+        pct = f"{100 * r.trainable / r.total:.1f}" if r.total else "-"
+        style = "bold" if r.name == "total" else None
+        table.add_row(r.name, f"{r.total / 1e6:.3f}M", f"{r.trainable / 1e6:.3f}M", pct, style=style)
+    return table
