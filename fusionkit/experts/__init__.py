@@ -3,9 +3,12 @@
 Importing this package registers the built-in experts (``fusionkit list`` shows them).
 """
 
+from fusionkit.experts.ast import AST
 from fusionkit.experts.base import Expert, FrameSelect, Tokens
 from fusionkit.experts.block import Block
+from fusionkit.experts.clip_vit import ClipViT
 from fusionkit.experts.timm_cnn import TimmCNN
 from fusionkit.experts.timm_vit import TimmViT
+from fusionkit.experts.videomae import VideoMAEViT
 
-__all__ = ["Block", "Expert", "FrameSelect", "TimmCNN", "TimmViT", "Tokens"]
+__all__ = ["AST", "Block", "ClipViT", "Expert", "FrameSelect", "TimmCNN", "TimmViT", "Tokens", "VideoMAEViT"]

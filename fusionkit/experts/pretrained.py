@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -28,9 +29,16 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
 def is_local_file(spec: str) -> bool:
-    """Whether ``spec`` names a local file (an existing path or one with a weight-file suffix)."""
-    return os.path.exists(spec) or spec.endswith(FILE_SUFFIXES) or os.sep in spec
+    """Whether ``spec`` names a local file rather than a hub name (``owner/name`` or a tag).
+
+    A spec is a local file when it exists, ends with a weight-file suffix, or is not of the
+    form ``name`` / ``owner/name`` (``./x``, ``/abs/path``, ``a/b/c``).
+    """
+    return os.path.exists(spec) or spec.endswith(FILE_SUFFIXES) or not _HUB_NAME.match(spec)
 
 
 def require_online(spec: str, what: str) -> None:
@@ -39,6 +47,20 @@ def require_online(spec: str, what: str) -> None:
         raise PretrainedError(
             f"{what}: pretrained={spec!r} is a hub name but HF_HUB_OFFLINE is set, so nothing can be "
             "downloaded; pass a local weight file instead (pretrained=/path/to/weights.safetensors)")
+
+
+def hub_download(repo: str, what: str, filenames: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")) -> str:
+    """Download the first of ``filenames`` that hub repository ``repo`` has (online machines only)."""
+    require_online(repo, what)
+    from huggingface_hub import hf_hub_download
+
+    errors = []
+    for filename in filenames:
+        try:
+            return hf_hub_download(repo, filename)
+        except Exception as err:  # noqa: BLE001 - try the next file, report all
+            errors.append(f"{filename}: {err}")
+    raise PretrainedError(f"{what}: cannot download pretrained={repo!r} from the hub: " + "; ".join(errors))
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
