@@ -52,7 +52,7 @@ class ParamRow:
 
 
 def trainable_report(model: nn.Module, depth: int = 1) -> list[ParamRow]:
-    """Parameter counts (total, trainable) per module prefix of ``depth`` name components, plus a
+    """Parameter counts (total, trainable) per module path cut to ``depth`` components, plus a
     final ``total`` row. Shared parameters are counted once."""
     rows: dict[str, list[int]] = {}
     seen: set[int] = set()
@@ -60,7 +60,8 @@ def trainable_report(model: nn.Module, depth: int = 1) -> list[ParamRow]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        key = ".".join(name.split(".")[:depth])
+        module_path = name.split(".")[:-1] or [name]  # group by module, not by tensor name
+        key = ".".join(module_path[:depth])
         row = rows.setdefault(key, [0, 0])
         row[0] += p.numel()
         row[1] += p.numel() if p.requires_grad else 0
