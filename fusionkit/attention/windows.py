@@ -213,7 +213,12 @@ class Ragged(Window):
         if sum(self.lengths) != layout.length:
             raise ValueError(f"ragged window lengths {self.lengths} sum to {sum(self.lengths)}, "
                              f"but {layout} stores {layout.length} tokens")
-        return list(torch.arange(layout.length).split(list(self.lengths)))
+        runs = torch.arange(layout.length).split(list(self.lengths))
+        if extras or layout.extras == 0:
+            return list(runs)
+        is_patch = torch.zeros(layout.length, dtype=torch.bool)
+        is_patch[layout.patch_index().reshape(-1)] = True
+        return [kept for run in runs if (kept := run[is_patch[run]]).numel()]
 
 
 def make_window(spec: str | Window) -> Window:
@@ -247,8 +252,9 @@ def windowed(fn: AttnFn, x: Tensor, layout: TokenLayout, window: str | Window, *
     window = make_window(window)
     qp = window.plan(layout, query_extras)
     if kv is None:
-        if not key_extras and query_extras:
-            raise ValueError("self-attention cannot leave extras out of the keys only")
+        if key_extras != query_extras:
+            raise ValueError("self-attention leaves extras out of queries and keys together: pass the same "
+                             f"query_extras and key_extras (got {query_extras} and {key_extras})")
         packed = not qp.uniform
         y = fn(qp.group(x, packed), kv=None, bias=BlockDiagonal.self_attention(qp.seqlens) if packed else None)
         return qp.ungroup(y, x.shape[0])
