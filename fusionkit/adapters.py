@@ -9,7 +9,7 @@ scaled by ``Block.mlp_adapter_scale``), as in AIM and CAST (paper 001 eq. 3–5)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 
@@ -41,7 +41,8 @@ class Adapter(nn.Module):
 
 
 def attach_adapters(expert: nn.Module, *, attn: bool = True, mlp: bool = True, ratio: float = 0.25,
-                    mlp_scale: float = 0.5, layers: Iterable[int] | None = None) -> list[Adapter]:
+                    mlp_scale: float = 0.5, layers: Iterable[int] | None = None,
+                    drop_path: float | Sequence[float] = 0.0) -> list[Adapter]:
     """Attach adapters to the transformer layers of ``expert`` (all layers unless ``layers``).
 
     Args:
@@ -50,13 +51,20 @@ def attach_adapters(expert: nn.Module, *, attn: bool = True, mlp: bool = True, r
         mlp: add an adapter in parallel to each MLP, scaled by ``mlp_scale``.
         ratio: bottleneck width as a fraction of the layer width.
         layers: indices of the layers to adapt (negative indices count from the end).
+        drop_path: stochastic depth of the MLP adapter branch, one rate for all layers or one per
+            layer of the expert (CAST: a linear schedule up to 0.2; the attention adapter has none).
 
     Returns:
         The new adapters (trainable; the rest of the expert keeps its ``requires_grad``).
     """
     from fusionkit.experts.block import Block
 
+    from timm.layers import DropPath
+
     blocks = list(expert.layers)
+    rates = [float(drop_path)] * len(blocks) if isinstance(drop_path, (int, float)) else list(drop_path)
+    if len(rates) != len(blocks):
+        raise ValueError(f"drop_path has {len(rates)} rates for an expert of {len(blocks)} layers")
     chosen = range(len(blocks)) if layers is None else [i % len(blocks) for i in layers]
     new = []
     for i in chosen:
@@ -70,5 +78,6 @@ def attach_adapters(expert: nn.Module, *, attn: bool = True, mlp: bool = True, r
         if mlp:
             block.mlp_adapter = Adapter(block.dim, ratio)
             block.mlp_adapter_scale = mlp_scale
+            block.adapter_drop_path = DropPath(rates[i]) if rates[i] > 0 else nn.Identity()
             new.append(block.mlp_adapter)
     return new

@@ -90,6 +90,11 @@ class Expert(nn.Module):
         return self.dims[-1]
 
     @property
+    def feature_dim(self) -> int:
+        """Width of the pooled clip feature (``pool``): the final width unless a projection follows."""
+        return getattr(self, "output_dim", self.dims[-1])
+
+    @property
     def depth(self) -> int:
         return len(self.layers)
 

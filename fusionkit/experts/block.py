@@ -4,6 +4,9 @@
 operators can act between them::
 
     x = block.attend(x, layout)        # x + MHSA(LN1 x) [+ adapter in series on the MHSA output]
+
+(as in the official CAST code, stochastic depth of the adapters applies to the MLP adapter only:
+``adapter_drop_path``, set by :func:`~fusionkit.adapters.attach_adapters`)
     ... operators at the "post_attn" site ...
     x = block.feed_forward(x)          # x + FFN(LN2 x) [+ s · adapter(LN2 x) in parallel]
     ... operators at the "post_mlp" site ...
@@ -54,6 +57,7 @@ class Block(nn.Module):
         self.attn_adapter: nn.Module | None = None
         self.mlp_adapter: nn.Module | None = None
         self.mlp_adapter_scale = 1.0
+        self.adapter_drop_path: nn.Module = nn.Identity()
 
     def attention_branch(self, x: Tensor, layout: TokenLayout) -> Tensor:
         """``ls1(MHSA(LN1 x))`` within the block's window: ``(B, L, D)``, before the residual."""
@@ -64,15 +68,15 @@ class Block(nn.Module):
         a = self.attention_branch(x, layout)
         x = x + self.drop_path1(a)
         if self.attn_adapter is not None:
-            x = x + self.drop_path1(self.attn_adapter(a))
+            x = x + self.attn_adapter(a)
         return x
 
     def feed_forward(self, x: Tensor) -> Tensor:
-        """MLP step: ``x + FFN(LN2 x) [+ s · ADAP(LN2 x)]``, ``(B, L, D)``."""
+        """MLP step: ``x + FFN(LN2 x) [+ DropPath(s · ADAP(LN2 x))]``, ``(B, L, D)``."""
         h = self.norm2(x)
         out = x + self.drop_path2(self.ls2(self.mlp(h)))
         if self.mlp_adapter is not None:
-            out = out + self.mlp_adapter_scale * self.drop_path2(self.mlp_adapter(h))
+            out = out + self.adapter_drop_path(self.mlp_adapter_scale * self.mlp_adapter(h))
         return out
 
     def forward(self, x: Tensor, layout: TokenLayout) -> Tensor:

@@ -10,7 +10,10 @@ children; the image projection ``proj`` is kept only with ``project=True`` (CAST
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -178,7 +181,9 @@ class ClipViT(Expert):
             if "vision_cfg" in create:  # a vision_cfg override replaces the config force_image_size edits
                 create["vision_cfg"] = {**create["vision_cfg"], "image_size": img_size}
         try:
-            model = open_clip.create_model(name, pretrained=pretrained or None, **create)
+            with contextlib.nullcontext() if pretrained else _quiet_root_logger():
+                # random init is what pretrained=None asks for: drop open_clip's warning about it
+                model = open_clip.create_model(name, pretrained=pretrained or None, **create)
         except Exception as err:
             if pretrained:
                 source = "hub tag" if hub else "file"
@@ -220,3 +225,14 @@ class ClipViT(Expert):
         """Clip feature: reduce (``mode``), ``ln_post``, then ``@ proj`` when ``project=True``."""
         feat = super().pool(tokens, mode)
         return feat @ self.proj if self.proj is not None else feat
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

@@ -1,0 +1,210 @@
+"""``bca``: bottleneck cross-attention between experts (B-CAST of CAST, B-CA of CA²ST).
+
+Paper 001 eq. 6–7 and paper 000 eq. 8–10. For every expert ``e`` the operator holds one
+down-projection ``W_D,e`` (``D_e → d``), a LayerNorm and one zero-initialised up-projection
+``W_U,e`` (``d → D_e``); every *direction* (queries of one expert, keys/values of another, a window)
+holds one multi-head cross-attention and its position embeddings::
+
+    n_e      = LN_e(W_D,e · Y_e)                                         (B, L_e, d)
+    o_{k→q}  = MHCA(n_q + E_q, n_k + E_k) within the direction's window   (B, L_q, d)
+    Y_q'     = Y_q + DropPath(W_U,q · Σ_k GELU(o_{k→q}))
+
+* Extra tokens (CLS, distillation) never take part in the cross-attention; as in the official
+  CAST code their ``o`` is their own ``n`` (so they still get an adapter-like update).
+* Several directions into one expert (CA²ST eq. 10) share that expert's ``W_D``/``W_U``: the
+  GELU outputs are summed before the up-projection, so its bias is applied once.
+* Windows: ``time`` (T2S: a patch attends to the other expert's tokens at its location over time),
+  ``space`` (S2T: within the frame), ``space-time`` / ``global`` (the whole clip).
+* Position embeddings: ``learned`` (per direction, one per position within the window, init
+  ``head_dim^-0.5 · randn``), ``time`` (a Time-Interval MLP, CAVA) or ``none``.
+* ``mode``: ``bottleneck`` (default), ``full`` (cross-attention at full width, no projections,
+  output projection zero-initialised: the "w/o adapter" ablation) or ``full_adapter`` (full-width
+  cross-attention followed by a zero-initialised adapter: "X-attn → adapter").
+
+At init the operator returns its inputs unchanged (zero up-projection / output projection).
+Site: ``post_attn`` (between attention and MLP), as in CAST.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+from fusionkit.adapters import Adapter
+from fusionkit.attention import Attention, TokenLayout, Window, make_window, windowed
+from fusionkit.fusion.base import FusionOp, SiteState
+from fusionkit.fusion.time_embed import TimeIntervalMLP
+from fusionkit.registry import FUSIONS
+
+MODES = ("bottleneck", "full", "full_adapter")
+POSITIONS = ("learned", "time", "none")
+WINDOW_ALIASES = {"space-time": "global", "spacetime": "global"}
+
+
+def resolve_window(name: str | Window) -> Window:
+    """A window by name; ``space-time`` is the whole clip (``global`` over patches)."""
+    return make_window(WINDOW_ALIASES.get(name, name) if isinstance(name, str) else name)
+
+
+def window_length(window: Window, layout: TokenLayout, what: str) -> int:
+    """Length of every patch sequence of ``window`` over ``layout`` (position embeddings need one)."""
+    plan = window.plan(layout, extras=False)
+    if not plan.uniform:
+        raise ValueError(f"{what}: window {window.name!r} over {layout} gives sequences of different lengths; "
+                         "learned position embeddings need equal ones (use position=time or none)")
+    return plan.seqlens[0]
+
+
+class CrossDirection(nn.Module):
+    """One direction: multi-head cross-attention with learned per-window-position embeddings.
+
+    ``forward(q (B', S, d), kv (B', S', d), bias)`` adds ``pos_q`` ``(S, d)`` / ``pos_kv`` ``(S', d)``,
+    then attends (query projection and key/value projection with their own biases, as in CAST).
+    """
+
+    def __init__(self, dim: int, heads: int, q_len: int | None, kv_len: int | None) -> None:
+        super().__init__()
+        self.attn = Attention(dim, heads, qkv_bias=True)
+        scale = (dim // heads) ** -0.5
+        self.pos_q = nn.Parameter(scale * torch.randn(q_len, dim)) if q_len else None
+        self.pos_kv = nn.Parameter(scale * torch.randn(kv_len, dim)) if kv_len else None
+
+    def forward(self, q: Tensor, kv: Tensor, bias: Any = None) -> Tensor:
+        if self.pos_q is not None:
+            if q.shape[1] != self.pos_q.shape[0] or kv.shape[1] != self.pos_kv.shape[0]:
+                raise ValueError(f"B-CA position embeddings were built for windows of {self.pos_q.shape[0]} query / "
+                                 f"{self.pos_kv.shape[0]} key tokens, got {q.shape[1]} / {kv.shape[1]}: the input "
+                                 "differs from the recipe's inputs (frames or size)")
+            q, kv = q + self.pos_q, kv + self.pos_kv
+        return self.attn(q, kv=kv, bias=bias)
+
+
+@FUSIONS.register("bca")
+class BCA(FusionOp):
+    """Bottleneck cross-attention (CAST B-CAST / CA²ST B-CA): windowed MHCA inside a bottleneck adapter.
+
+    Args:
+        experts: the joined experts (names), ``dims`` / ``layouts`` at this step (given by the graph).
+        directions: ``{name: {query: expert, key: expert, window: time|space|space-time|global}}``,
+            e.g. CAST's ``t2s`` (spatial queries, temporal keys, ``time``) and ``s2t``.
+        ratio: bottleneck width ``d`` as a fraction of the widest joined expert (CAST: 1/2), unless
+            ``bottleneck_dim`` is given.
+        heads: attention heads over the bottleneck (CAST: 12 over 384).
+        position: ``learned`` / ``time`` / ``none`` (see the module docstring).
+        time_mlp: options of the Time-Interval MLP (``hidden``, ``groups``) for ``position: time``.
+        mode: ``bottleneck`` / ``full`` / ``full_adapter``; ``adapter_ratio`` for the latter.
+        norm_eps: LayerNorm epsilon (1e-6 in CAST).
+        drop_path: stochastic depth of the update (the graph's rate for this step).
+    """
+
+    site = "post_attn"
+
+    def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
+                 directions: Mapping[str, Mapping[str, str]], step: int = 0, num_steps: int = 1,
+                 drop_path: float = 0.0, ratio: float = 0.5, bottleneck_dim: int | None = None, heads: int = 12,
+                 position: str = "learned", time_mlp: Mapping[str, Any] | None = None, mode: str = "bottleneck",
+                 adapter_ratio: float = 0.25, norm_eps: float = 1e-6) -> None:
+        super().__init__(experts=experts)
+        if mode not in MODES:
+            raise ValueError(f"bca: unknown mode {mode!r}; valid: {', '.join(MODES)}")
+        if position not in POSITIONS:
+            raise ValueError(f"bca: unknown position {position!r}; valid: {', '.join(POSITIONS)}")
+        if not directions:
+            raise ValueError("bca: no directions given (e.g. {t2s: {query: spatial, key: temporal, window: time}})")
+        self.mode = mode
+        self.directions = {}
+        for name, spec in directions.items():
+            spec = dict(spec)
+            bad = sorted(set(spec) - {"query", "key", "window"})
+            if bad or not {"query", "key"} <= set(spec):
+                raise ValueError(f"bca direction {name!r} needs query, key and optionally window; got {sorted(spec)}")
+            for role in ("query", "key"):
+                if spec[role] not in experts:
+                    raise ValueError(f"bca direction {name!r}: {role} {spec[role]!r} is not one of the joined "
+                                     f"experts {list(experts)}")
+            self.directions[name] = (spec["query"], spec["key"], resolve_window(spec.get("window", "global")))
+        if mode == "bottleneck":
+            width = bottleneck_dim or int(round(ratio * max(dims.values())))
+        else:
+            if len(set(dims.values())) != 1:
+                raise ValueError(f"bca mode {mode!r} attends at full width and needs experts of one width, got {dims}")
+            width = next(iter(dims.values()))
+        if width % heads:
+            raise ValueError(f"bca: width {width} is not divisible by heads={heads}")
+        self.width = width
+        used = sorted({e for q, k, _ in self.directions.values() for e in (q, k)})
+        bottleneck = mode == "bottleneck"
+        self.down = nn.ModuleDict({e: nn.Linear(dims[e], width) if bottleneck else nn.Identity() for e in used})
+        self.norm = nn.ModuleDict({e: nn.LayerNorm(width, eps=norm_eps) for e in used})
+        self.cross = nn.ModuleDict()
+        for name, (q, k, window) in self.directions.items():
+            lengths = (window_length(window, layouts[q], f"bca {name}"), window_length(window, layouts[k], f"bca {name}")) \
+                if position == "learned" else (None, None)
+            self.cross[name] = CrossDirection(width, heads, *lengths)
+        groups = max(layout.t for layout in layouts.values())  # audio time groups follow the video frames
+        self.time_embed = TimeIntervalMLP(width, **{"groups": groups, **dict(time_mlp or {})}) \
+            if position == "time" else None
+        receivers = sorted({q for q, _, _ in self.directions.values()})
+        self.up = nn.ModuleDict({e: nn.Linear(width, dims[e]) for e in receivers}) if bottleneck else None
+        self.adapter = nn.ModuleDict({e: Adapter(width, adapter_ratio) for e in receivers}) \
+            if mode == "full_adapter" else None
+        self.act = nn.GELU()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and not any(m is a.D_fc1 or m is a.D_fc2 for a in (self.adapter or {}).values()):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        zero = list(self.up.values()) if self.up is not None else \
+            [] if self.adapter is not None else [c.attn.proj for c in self.cross.values()]
+        for m in zero:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, state: SiteState) -> dict[str, Tensor]:
+        """Update the receiving experts' tokens ``(B, L_e, D_e)``; see the module docstring."""
+        n = {e: self.norm[e](self.down[e](state.x[e])) for e in self.norm}
+        inputs = dict(n)
+        if self.time_embed is not None:
+            inputs = {e: v + self.time_embed(state.layouts[e]).to(v.dtype) for e, v in n.items()}
+        summed: dict[str, Tensor] = {}
+        for name, (q, k, window) in self.directions.items():
+            out = windowed(self.cross[name], inputs[q], state.layouts[q], window, kv=inputs[k],
+                           kv_layout=state.layouts[k], query_extras=False, key_extras=False)
+            if self.mode == "bottleneck":
+                extras = extra_mask(state.layouts[q], out.device)
+                if extras is not None:  # official CAST: extras pass their own bottleneck vector through
+                    out = torch.where(extras[:, None], n[q], out)
+                out = self.act(out)
+            summed[q] = summed[q] + out if q in summed else out
+        update = {}
+        for q, out in summed.items():
+            if self.up is not None:
+                out = self.up[q](out)
+            elif self.adapter is not None:
+                out = self.adapter[q](out)
+            update[q] = state.x[q] + self.drop_path(out)
+        return update
+
+    def extra_repr(self) -> str:
+        dirs = ", ".join(f"{n}: {k}->{q} ({w.name})" for n, (q, k, w) in self.directions.items())
+        return f"mode={self.mode}, width={self.width}, directions=[{dirs}]"
+
+
+def extra_mask(layout: TokenLayout, device: torch.device) -> Tensor | None:
+    """``(L,)`` bool, ``True`` at the extra tokens of ``layout`` (``None`` without extras)."""
+    if layout.extras == 0:
+        return None
+    mask = torch.zeros(layout.length, dtype=torch.bool, device=device)
+    mask[layout.extra_index().reshape(-1).to(device)] = True
+    return mask
+
+
+__all__ = ["BCA", "CrossDirection", "extra_mask", "resolve_window", "window_length"]

@@ -1,0 +1,212 @@
+"""The fusion graph: experts run layer by layer in lockstep, operators act at named sites.
+
+``FusionModel`` holds three ``ModuleDict``s, which also name every parameter:
+
+* ``experts.<name>``: the frozen experts (with their adapters);
+* ``fusions.<name>.<step>``: one operator instance per step of each operator's layer range;
+* ``heads.<name>``: heads reading pooled expert features.
+
+Experts of different depth or kind are aligned by an explicit map: ``align[e][i]`` is the graph
+step at which layer ``i`` of expert ``e`` runs (default: step ``i``). ResNet-50's four stages can
+run at steps 2, 5, 8, 11 beside a 12-layer ViT. At each step::
+
+    replace_attn operators   (they run the attention of the experts they cover)
+    attention step of every other active transformer expert / whole stage of a CNN expert
+    post_attn operators
+    MLP step of every active transformer expert
+    post_mlp operators
+
+``model(batch)`` takes a dict of modality tensors (``video`` ``(B, 3, T, H, W)``, ``audio``
+``(B, samples)``, ...) and returns ``{head name: logits}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fusionkit.attention import TokenLayout
+from fusionkit.experts.base import Expert, Tokens
+from fusionkit.fusion.base import SITES, FusionOp, SiteState
+
+
+@dataclass
+class OperatorSpec:
+    """An operator of the graph: registered class, joined experts, site, steps and options."""
+
+    name: str
+    cls: type[FusionOp]
+    experts: Sequence[str]
+    steps: Sequence[int]
+    site: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def linear_rates(rate: float, num: int) -> list[float]:
+    """Stochastic-depth rates rising linearly from 0 to ``rate`` over ``num`` steps."""
+    return torch.linspace(0, rate, num).tolist() if num > 1 else [0.0] * num
+
+
+class FusionModel(nn.Module):
+    """Experts + fusion operators at sites + heads (see the module docstring).
+
+    Args:
+        experts: the experts by name.
+        operators: operator specifications (built here, one instance per step).
+        heads: heads by name (built by the caller; each declares the experts it reads in ``inputs``).
+        input_shapes: one sample's shape per modality (e.g. ``{"video": (3, 16, 224, 224)}``): the
+            graph probes the experts once with zeros of these shapes to learn every step's layout,
+            which sizes the operators (e.g. B-CA position embeddings per window).
+        align: layer → step maps per expert (default: layer ``i`` at step ``i``).
+        drop_path: stochastic depth of operators, rising linearly over the steps.
+    """
+
+    def __init__(self, experts: Mapping[str, Expert], operators: Sequence[OperatorSpec],
+                 heads: Mapping[str, nn.Module], input_shapes: Mapping[str, Sequence[int]],
+                 align: Mapping[str, Sequence[int]] | None = None, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.experts = nn.ModuleDict(dict(experts))
+        self.align = {e: list(range(ex.depth)) for e, ex in experts.items()}
+        for e, steps in (align or {}).items():
+            self._check_align(e, list(steps))
+            self.align[e] = list(steps)
+        self.num_steps = max(max(s) + 1 for s in self.align.values() if s)
+        self.input_shapes = {k: tuple(v) for k, v in input_shapes.items()}
+        dims, layouts = self._probe()
+        rates = linear_rates(drop_path, self.num_steps)
+        self.fusions = nn.ModuleDict()
+        self._schedule: dict[int, dict[str, list[FusionOp]]] = {s: {site: [] for site in SITES}
+                                                                 for s in range(self.num_steps)}
+        for spec in operators:
+            self._add_operator(spec, dims, layouts, rates)
+        self.heads = nn.ModuleDict(dict(heads))
+        for name, head in self.heads.items():
+            missing = [e for e in getattr(head, "inputs", {}) if e not in self.experts]
+            if missing:
+                raise ValueError(f"head {name!r} reads unknown expert(s) {missing}; experts: {list(self.experts)}")
+
+    # construction ------------------------------------------------------------------------------
+
+    def _check_align(self, name: str, steps: list[int]) -> None:
+        if name not in self.experts:
+            raise ValueError(f"align names unknown expert {name!r}; experts: {list(self.experts)}")
+        depth = self.experts[name].depth
+        if len(steps) != depth or any(b <= a for a, b in zip(steps, steps[1:])) or min(steps, default=0) < 0:
+            raise ValueError(f"align.{name} must list {depth} increasing non-negative steps (one per layer), "
+                             f"got {steps}")
+
+    def _active(self, step: int) -> dict[str, int]:
+        """Experts with a layer at ``step``: name → layer index."""
+        return {e: steps.index(step) for e, steps in self.align.items() if step in steps}
+
+    @torch.no_grad()
+    def _probe(self) -> tuple[list[dict[str, int]], list[dict[str, TokenLayout]]]:
+        """Width and layout of every expert after every step, from one zero sample per modality."""
+        tokens = {}
+        for e, expert in self.experts.items():
+            if expert.modality not in self.input_shapes:
+                raise ValueError(f"expert {e!r} reads modality {expert.modality!r} but the recipe's inputs give "
+                                 f"only {sorted(self.input_shapes)}")
+            tokens[e] = expert.embed(torch.zeros(1, *self.input_shapes[expert.modality]))
+        dims, layouts = [], []
+        for step in range(self.num_steps):
+            for e, i in self._active(step).items():
+                layer = self.experts[e].layers[i]
+                if not hasattr(layer, "attend"):  # a CNN stage changes the grid and the width
+                    tokens[e] = Tokens(*layer(tokens[e].x, tokens[e].layout))
+            dims.append({e: t.x.shape[-1] for e, t in tokens.items()})
+            layouts.append({e: t.layout for e, t in tokens.items()})
+        return dims, layouts
+
+    def _add_operator(self, spec: OperatorSpec, dims: list[dict[str, int]],
+                      layouts: list[dict[str, TokenLayout]], rates: list[float]) -> None:
+        unknown = [e for e in spec.experts if e not in self.experts]
+        if unknown:
+            raise ValueError(f"operator {spec.name!r} joins unknown expert(s) {unknown}; experts: {list(self.experts)}")
+        site = spec.site or spec.cls.site
+        if site not in SITES:
+            raise ValueError(f"operator {spec.name!r}: unknown site {site!r}; valid sites: {', '.join(SITES)}")
+        ops = nn.ModuleDict()
+        for step in spec.steps:
+            if not 0 <= step < self.num_steps:
+                raise ValueError(f"operator {spec.name!r}: step {step} is outside the graph's "
+                                 f"{self.num_steps} steps (0-{self.num_steps - 1})")
+            try:
+                op = spec.cls(experts=list(spec.experts), dims={e: dims[step][e] for e in spec.experts},
+                              layouts={e: layouts[step][e] for e in spec.experts}, step=step,
+                              num_steps=self.num_steps, drop_path=rates[step], **dict(spec.options))
+            except (ValueError, TypeError, KeyError) as err:
+                raise ValueError(f"operator {spec.name!r} ({spec.cls.__name__}) at step {step}: {err}") from err
+            ops[str(step)] = op
+            self._schedule[step][site].append(op)
+        self.fusions[spec.name] = ops
+
+    # running -----------------------------------------------------------------------------------
+
+    def embed(self, batch: Mapping[str, Tensor]) -> dict[str, Tokens]:
+        out = {}
+        for e, expert in self.experts.items():
+            if expert.modality not in batch:
+                raise KeyError(f"expert {e!r} needs batch[{expert.modality!r}]; the batch has {sorted(batch)}")
+            out[e] = expert.embed(batch[expert.modality])
+        return out
+
+    def _run_site(self, ops: list[FusionOp], x: dict[str, Tensor], layouts: dict[str, TokenLayout],
+                  layers: dict[str, nn.Module], step: int) -> None:
+        for op in ops:
+            x.update(op(SiteState(x, layouts, layers, step)))
+
+    def forward_tokens(self, batch: Mapping[str, Tensor]) -> dict[str, Tokens]:
+        """Final tokens of every expert (after ``final_norm``) with all operators applied."""
+        tokens = self.embed(batch)
+        x = {e: t.x for e, t in tokens.items()}
+        layouts = {e: t.layout for e, t in tokens.items()}
+        for step in range(self.num_steps):
+            sites = self._schedule[step]
+            layers = {e: self.experts[e].layers[i] for e, i in self._active(step).items()}
+            handled = {e for op in sites["replace_attn"] for e in op.experts}
+            self._run_site(sites["replace_attn"], x, layouts, layers, step)
+            for e, layer in layers.items():
+                if e in handled:
+                    continue
+                if hasattr(layer, "attend"):
+                    x[e] = layer.attend(x[e], layouts[e])
+                else:
+                    x[e], layouts[e] = layer(x[e], layouts[e])
+            self._run_site(sites["post_attn"], x, layouts, layers, step)
+            for e, layer in layers.items():
+                if hasattr(layer, "feed_forward"):
+                    x[e] = layer.feed_forward(x[e])
+            self._run_site(sites["post_mlp"], x, layouts, layers, step)
+        return {e: Tokens(self.experts[e].final_norm(x[e]), layouts[e]) for e in x}
+
+    def features(self, tokens: Mapping[str, Tokens]) -> dict[tuple[str, str | None], Tensor]:
+        """Pooled features ``(B, D_e)`` for every (expert, pool mode) that a head reads."""
+        feats: dict[tuple[str, str | None], Tensor] = {}
+        for head in self.heads.values():
+            for e, mode in head.inputs.items():
+                if (e, mode) not in feats:
+                    feats[(e, mode)] = self.experts[e].pool(tokens[e], mode)
+        return feats
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``{head name: logits}`` for a batch of modality tensors."""
+        feats = self.features(self.forward_tokens(batch))
+        return {name: head({e: feats[(e, mode)] for e, mode in head.inputs.items()})
+                for name, head in self.heads.items()}
+
+    def graph_summary(self) -> list[dict[str, Any]]:
+        """Which operator joins which experts at which steps and site (for ``describe``)."""
+        rows = []
+        for name, ops in self.fusions.items():
+            first = next(iter(ops.values()), None)
+            site = next((s for s in SITES for step in ops for o in self._schedule[int(step)][s] if o is ops[step]),
+                        None)
+            rows.append({"operator": name, "type": type(first).__name__ if first is not None else "-",
+                         "experts": list(first.experts) if first is not None else [],
+                         "steps": [int(s) for s in ops], "site": site})
+        return rows

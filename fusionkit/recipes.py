@@ -1,0 +1,238 @@
+"""Recipes: omegaconf YAML files that describe a model, with ``_base_`` inheritance and overrides.
+
+A recipe reads like the paper's figure::
+
+    inputs:                      # one sample's shape per modality (sizes the operators)
+      video: [3, 16, 224, 224]
+    experts:
+      spatial:  {type: clip_vit, name: ViT-B-16, frames: {stride: 2, offset: 1}, adapters: {ratio: 0.25}}
+      temporal: {type: videomae_vit, size: B, num_frames: 16, adapters: {ratio: 0.25}}
+    fusion:
+      bca:
+        type: bca
+        experts: [spatial, temporal]
+        layers: null             # every step; or a list of steps, or "9:12"
+        directions:
+          t2s: {query: spatial, key: temporal, window: time}
+          s2t: {query: temporal, key: spatial, window: space}
+    heads:
+      verb: {type: linear, expert: temporal, classes: 97}
+      noun: {type: linear, expert: spatial, classes: 300}
+    trainable: {unfreeze: ["experts.*.pool_norm.*"]}
+    drop_path: 0.2
+
+``_base_: other.yaml`` (or a list) merges the named recipes first (paths relative to the file).
+Overrides are dotlist strings, ``fusion.bca.ratio=0.25``; ``fusion.bca=null`` removes an operator.
+Every key is validated against the registered class it configures before anything is built: a
+typo fails with one message naming the key and the closest valid keys.
+
+Graph-level keys inside a section (not passed to the registered class): experts take ``type``,
+``adapters`` and ``align``; operators ``type``, ``experts``, ``site`` and ``layers``; heads ``type``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fusionkit.adapters import attach_adapters
+from fusionkit.graph import FusionModel, OperatorSpec, linear_rates
+from fusionkit.registry import EXPERTS, FUSIONS, HEADS, Registry, closest
+from fusionkit.trainable import TrainablePolicy
+
+RECIPE_DIR = Path(os.environ.get("FUSIONKIT_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
+SECTIONS = ("name", "description", "inputs", "experts", "fusion", "heads", "trainable", "drop_path", "align")
+EXPERT_KEYS = ("type", "adapters", "align")
+OPERATOR_KEYS = ("type", "experts", "site", "layers")
+HEAD_KEYS = ("type",)
+GRAPH_GIVEN = ("experts", "dims", "layouts", "step", "num_steps", "drop_path")  # filled in by the graph
+ADAPTER_KEYS = ("attn", "mlp", "ratio", "mlp_scale", "layers")
+TRAINABLE_KEYS = ("unfreeze", "freeze")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be loaded or built; the message names the key."""
+
+
+def recipe_path(recipe: str | os.PathLike[str]) -> Path:
+    """A recipe file from a path or a name in ``recipes/`` (``cast`` → ``recipes/cast.yaml``)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    named = RECIPE_DIR / f"{recipe}.yaml" if path.suffix == "" else RECIPE_DIR / path.name
+    if named.is_file():
+        return named
+    known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    raise RecipeError(f"recipe {str(recipe)!r} not found (neither a file nor a name in {RECIPE_DIR}); "
+                      f"closest recipes: {', '.join(closest(path.stem, known)) or '(none)'}")
+
+
+def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"recipe {path} inherits from itself through _base_")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise RecipeError(f"cannot read recipe {path}: {err}") from err
+    if not isinstance(cfg, DictConfig):
+        raise RecipeError(f"recipe {path} is not a mapping")
+    bases = cfg.pop("_base_", None)
+    if bases is None:
+        return cfg
+    merged = OmegaConf.create()
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        merged = OmegaConf.merge(merged, _load_file(path.parent / base, (*seen, path)))
+    return OmegaConf.merge(merged, cfg)
+
+
+def load_recipe(recipe: str | os.PathLike[str] | Mapping[str, Any] | DictConfig,
+                overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Load a recipe (path, name, or mapping), resolve ``_base_``, apply dotlist overrides, validate
+    the top-level sections; returns a plain dict."""
+    if isinstance(recipe, (str, os.PathLike)):
+        cfg = _load_file(recipe_path(recipe))
+    else:
+        cfg = OmegaConf.create(recipe if isinstance(recipe, DictConfig) else dict(recipe))
+    overrides = list(overrides)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise RecipeError(f"override {bad[0]!r} is not of the form key=value (e.g. fusion.bca.ratio=0.25)")
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    data = OmegaConf.to_container(cfg, resolve=True)
+    check_keys("", data, SECTIONS, "recipe")
+    return data
+
+
+def check_keys(path: str, options: Mapping[str, Any], valid: Sequence[str], what: str) -> None:
+    """Raise :class:`RecipeError` for the first key of ``options`` not in ``valid``."""
+    for key in options:
+        if key not in valid:
+            where = f"{path}.{key}" if path else key
+            hint = ", ".join(closest(str(key), list(valid))) or "(none)"
+            raise RecipeError(f"recipe key {where!r} is not valid for {what}; closest valid keys: {hint}")
+
+
+def accepted_keys(obj: Any) -> tuple[list[str], bool]:
+    """Keyword names that a class or function accepts, and whether it takes ``**kwargs``."""
+    sig = inspect.signature(obj)
+    names = [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names, any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def _section_class(path: str, spec: Any, registry: Registry[Any]) -> type:
+    if not isinstance(spec, Mapping) or "type" not in spec:
+        raise RecipeError(f"recipe key {path!r} needs a 'type' (one of: {', '.join(registry.names())})")
+    try:
+        return registry.get(spec["type"])
+    except KeyError as err:
+        raise RecipeError(f"{path}.type: {err}") from err
+
+
+def _check_options(path: str, spec: Mapping[str, Any], cls: type, graph_keys: Sequence[str],
+                   given: Sequence[str] = ()) -> dict[str, Any]:
+    options = {k: v for k, v in spec.items() if k not in graph_keys}
+    names, var_kw = accepted_keys(cls)
+    for key in options:
+        if key in given:
+            raise RecipeError(f"recipe key {path}.{key!r} is set by the fusion graph, not by the recipe")
+    if not var_kw:
+        check_keys(path, options, [*graph_keys, *(n for n in names if n not in given)],
+                   f"{spec['type']!r} ({cls.__name__})")
+    return options
+
+
+def _steps(path: str, layers: Any, num_steps: int) -> list[int]:
+    if layers is None:
+        return list(range(num_steps))
+    if isinstance(layers, str) and ":" in layers:
+        start, _, stop = layers.partition(":")
+        return list(range(num_steps))[slice(int(start) if start else None, int(stop) if stop else None)]
+    if isinstance(layers, int):
+        layers = [layers]
+    if not isinstance(layers, Sequence) or not all(isinstance(i, int) for i in layers):
+        raise RecipeError(f"{path}.layers must be null, a list of steps or 'start:stop', got {layers!r}")
+    bad = [i for i in layers if not -num_steps <= i < num_steps]
+    if bad:
+        raise RecipeError(f"{path}.layers: steps {bad} outside the graph's {num_steps} steps")
+    return sorted({i % num_steps for i in layers})
+
+
+def _build(path: str, fn: Any, **kwargs: Any) -> Any:
+    """Call ``fn(**kwargs)``, re-raising configuration errors with the recipe key."""
+    try:
+        return fn(**kwargs)
+    except RecipeError:
+        raise
+    except (ValueError, TypeError, KeyError) as err:
+        raise RecipeError(f"{path}: {err}") from err
+
+
+def build_from_config(cfg: Mapping[str, Any]) -> FusionModel:
+    """Build the model a loaded recipe describes (see :func:`build`)."""
+    inputs = cfg.get("inputs") or {}
+    if not inputs:
+        raise RecipeError("recipe key 'inputs' is missing: give one sample's shape per modality, "
+                          "e.g. inputs: {video: [3, 16, 224, 224]}")
+    drop_path = float(cfg.get("drop_path") or 0.0)
+    experts, align = {}, {}
+    for name, spec in (cfg.get("experts") or {}).items():
+        path = f"experts.{name}"
+        cls = _section_class(path, spec, EXPERTS)
+        options = _check_options(path, spec, cls, EXPERT_KEYS)
+        experts[name] = _build(path, cls, **options)
+        if spec.get("align") is not None:
+            align[name] = list(spec["align"])
+    if not experts:
+        raise RecipeError("recipe key 'experts' is empty: a model needs at least one expert")
+    steps_of = {e: align.get(e, list(range(ex.depth))) for e, ex in experts.items()}
+    num_steps = max(max(s) + 1 for s in steps_of.values())
+    rates = linear_rates(drop_path, num_steps)
+    for name, spec in (cfg.get("experts") or {}).items():
+        adapters = spec.get("adapters")
+        if adapters:
+            adapters = {} if adapters is True else dict(adapters)
+            check_keys(f"experts.{name}.adapters", adapters, ADAPTER_KEYS, "adapters")
+            _build(f"experts.{name}.adapters", attach_adapters, expert=experts[name],
+                   drop_path=[rates[s] for s in steps_of[name]], **adapters)
+    operators = []
+    for name, spec in (cfg.get("fusion") or {}).items():
+        if spec is None:  # removed by an override (fusion.bca=null)
+            continue
+        path = f"fusion.{name}"
+        cls = _section_class(path, spec, FUSIONS)
+        options = _check_options(path, spec, cls, OPERATOR_KEYS, GRAPH_GIVEN)
+        joined = list(spec.get("experts") or experts)
+        operators.append(OperatorSpec(name, cls, joined, _steps(path, spec.get("layers"), num_steps),
+                                      spec.get("site"), options))
+    heads = {}
+    for name, spec in (cfg.get("heads") or {}).items():
+        if spec is None:
+            continue
+        path = f"heads.{name}"
+        cls = _section_class(path, spec, HEADS)
+        options = _check_options(path, spec, cls, HEAD_KEYS, ("dims", "name"))
+        heads[name] = _build(path, cls, dims={e: ex.feature_dim for e, ex in experts.items()}, name=name, **options)
+    model = _build("fusion", FusionModel, experts=experts, operators=operators, heads=heads, input_shapes=inputs,
+                   align=align, drop_path=drop_path)
+    trainable = dict(cfg.get("trainable") or {})
+    check_keys("trainable", trainable, TRAINABLE_KEYS, "trainable")
+    _build("trainable", TrainablePolicy(**{k: tuple(v or ()) for k, v in trainable.items()}).apply, model=model)
+    model.recipe = dict(cfg)
+    return model
+
+
+def build(recipe: str | os.PathLike[str] | Mapping[str, Any], overrides: Iterable[str] = ()) -> nn.Module:
+    """Build a model from a recipe (file path, name in ``recipes/``, or mapping) and dotlist overrides.
+
+    Returns a :class:`~fusionkit.graph.FusionModel`; ``model(batch)`` maps a dict of modality tensors
+    (``video`` ``(B, 3, T, H, W)``, ``audio`` ``(B, samples)``) to ``{head name: logits}``.
+    """
+    return build_from_config(load_recipe(recipe, overrides))
