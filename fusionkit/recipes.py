@@ -22,7 +22,8 @@ A recipe reads like the paper's figure::
     drop_path: 0.2
 
 ``_base_: other.yaml`` (or a list) merges the named recipes first (paths relative to the file).
-Overrides are dotlist strings, ``fusion.bca.ratio=0.25``; ``fusion.bca=null`` removes an operator.
+Overrides are dotlist strings, ``fusion.bca.ratio=0.25``; ``null`` removes an inherited entry
+(``fusion.bca=null`` is the identity baseline, ``experts.spatial: null`` drops an expert).
 Every key is validated against the registered class it configures before anything is built: a
 typo fails with one message naming the key and the closest valid keys.
 
@@ -182,8 +183,9 @@ def build_from_config(cfg: Mapping[str, Any]) -> FusionModel:
         raise RecipeError("recipe key 'inputs' is missing: give one sample's shape per modality, "
                           "e.g. inputs: {video: [3, 16, 224, 224]}")
     drop_path = float(cfg.get("drop_path") or 0.0)
+    expert_specs = {k: v for k, v in (cfg.get("experts") or {}).items() if v is not None}  # null removes one
     experts, align = {}, {}
-    for name, spec in (cfg.get("experts") or {}).items():
+    for name, spec in expert_specs.items():
         path = f"experts.{name}"
         cls = _section_class(path, spec, EXPERTS)
         options = _check_options(path, spec, cls, EXPERT_KEYS)
@@ -195,7 +197,7 @@ def build_from_config(cfg: Mapping[str, Any]) -> FusionModel:
     steps_of = {e: align.get(e, list(range(ex.depth))) for e, ex in experts.items()}
     num_steps = max(max(s) + 1 for s in steps_of.values())
     rates = linear_rates(drop_path, num_steps)
-    for name, spec in (cfg.get("experts") or {}).items():
+    for name, spec in expert_specs.items():
         adapters = spec.get("adapters")
         if adapters:
             adapters = {} if adapters is True else dict(adapters)

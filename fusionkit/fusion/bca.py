@@ -89,8 +89,10 @@ class BCA(FusionOp):
 
     Args:
         experts: the joined experts (names), ``dims`` / ``layouts`` at this step (given by the graph).
-        directions: ``{name: {query: expert, key: expert, window: time|space|space-time|global}}``,
-            e.g. CAST's ``t2s`` (spatial queries, temporal keys, ``time``) and ``s2t``.
+        directions: ``{name: {query: expert, key: expert, window: time|space|space-time|global,
+            position: ...}}``, e.g. CAST's ``t2s`` (spatial queries, temporal keys, ``time``) and ``s2t``;
+            ``position`` overrides the operator's for one direction (CA²ST: learned for S&T, time
+            for A&S and A&T).
         ratio: bottleneck width ``d`` as a fraction of the widest joined expert (CAST: 1/2), unless
             ``bottleneck_dim`` is given.
         heads: attention heads over the bottleneck (CAST: 12 over 384).
@@ -116,16 +118,21 @@ class BCA(FusionOp):
         if not directions:
             raise ValueError("bca: no directions given (e.g. {t2s: {query: spatial, key: temporal, window: time}})")
         self.mode = mode
-        self.directions = {}
+        self.directions: dict[str, tuple[str, str, Window]] = {}
+        self.positions: dict[str, str] = {}
         for name, spec in directions.items():
             spec = dict(spec)
-            bad = sorted(set(spec) - {"query", "key", "window"})
+            bad = sorted(set(spec) - {"query", "key", "window", "position"})
             if bad or not {"query", "key"} <= set(spec):
-                raise ValueError(f"bca direction {name!r} needs query, key and optionally window; got {sorted(spec)}")
+                raise ValueError(f"bca direction {name!r} takes query, key, window and position; got {sorted(spec)}")
             for role in ("query", "key"):
                 if spec[role] not in experts:
                     raise ValueError(f"bca direction {name!r}: {role} {spec[role]!r} is not one of the joined "
                                      f"experts {list(experts)}")
+            self.positions[name] = spec.get("position", position)
+            if self.positions[name] not in POSITIONS:
+                raise ValueError(f"bca direction {name!r}: unknown position {self.positions[name]!r}; valid: "
+                                 f"{', '.join(POSITIONS)}")
             self.directions[name] = (spec["query"], spec["key"], resolve_window(spec.get("window", "global")))
         if mode == "bottleneck":
             width = bottleneck_dim or int(round(ratio * max(dims.values())))
@@ -143,11 +150,11 @@ class BCA(FusionOp):
         self.cross = nn.ModuleDict()
         for name, (q, k, window) in self.directions.items():
             lengths = (window_length(window, layouts[q], f"bca {name}"), window_length(window, layouts[k], f"bca {name}")) \
-                if position == "learned" else (None, None)
+                if self.positions[name] == "learned" else (None, None)
             self.cross[name] = CrossDirection(width, heads, *lengths)
         groups = max(layout.t for layout in layouts.values())  # audio time groups follow the video frames
         self.time_embed = TimeIntervalMLP(width, **{"groups": groups, **dict(time_mlp or {})}) \
-            if position == "time" else None
+            if "time" in self.positions.values() else None
         receivers = sorted({q for q, _, _ in self.directions.values()})
         self.up = nn.ModuleDict({e: nn.Linear(width, dims[e]) for e in receivers}) if bottleneck else None
         self.adapter = nn.ModuleDict({e: Adapter(width, adapter_ratio) for e in receivers}) \
@@ -171,12 +178,19 @@ class BCA(FusionOp):
     def forward(self, state: SiteState) -> dict[str, Tensor]:
         """Update the receiving experts' tokens ``(B, L_e, D_e)``; see the module docstring."""
         n = {e: self.norm[e](self.down[e](state.x[e])) for e in self.norm}
-        inputs = dict(n)
-        if self.time_embed is not None:
-            inputs = {e: v + self.time_embed(state.layouts[e]).to(v.dtype) for e, v in n.items()}
+        timed: dict[str, Tensor] = {}  # n + time embedding, computed once per expert
+
+        def inputs(e: str, position: str) -> Tensor:
+            if position != "time":
+                return n[e]
+            if e not in timed:
+                timed[e] = n[e] + self.time_embed(state.layouts[e]).to(n[e].dtype)
+            return timed[e]
+
         summed: dict[str, Tensor] = {}
         for name, (q, k, window) in self.directions.items():
-            out = windowed(self.cross[name], inputs[q], state.layouts[q], window, kv=inputs[k],
+            pos = self.positions[name]
+            out = windowed(self.cross[name], inputs(q, pos), state.layouts[q], window, kv=inputs(k, pos),
                            kv_layout=state.layouts[k], query_extras=False, key_extras=False)
             if self.mode == "bottleneck":
                 extras = extra_mask(state.layouts[q], out.device)
@@ -194,7 +208,7 @@ class BCA(FusionOp):
         return update
 
     def extra_repr(self) -> str:
-        dirs = ", ".join(f"{n}: {k}->{q} ({w.name})" for n, (q, k, w) in self.directions.items())
+        dirs = ", ".join(f"{n}: {k}->{q} ({w.name}, {self.positions[n]})" for n, (q, k, w) in self.directions.items())
         return f"mode={self.mode}, width={self.width}, directions=[{dirs}]"
 
 
