@@ -1,8 +1,12 @@
 """The ``fusionkit`` command line (also ``python -m fusionkit``).
 
 Sub-commands:
-    list [--json]   every registry with its names and one-line descriptions
-    demo            a short smoke run of the experts, kernels and windows on synthetic media
+    list [--json]                       every registry with its names and one-line descriptions
+    demo                                a short smoke run of experts, kernels and windows on synthetic media
+    describe RECIPE [overrides] [--json] parameters, GFLOPs per view and the expert graph of a recipe
+    convert NAME IN OUT                 official checkpoints to fusionkit state dicts (safetensors)
+
+Commands that live with their feature (describe, convert) add themselves through ``add_command``.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=16, help="frames of the synthetic clip (default 16)")
     p.add_argument("--size", type=int, default=64, help="frame size in pixels (default 64)")
     p.set_defaults(func=cmd_demo)
+
+    from fusionkit import convert, describe
+
+    for module in (describe, convert):
+        module.add_command(sub)
     return parser
 
 
