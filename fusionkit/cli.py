@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="frame size in pixels (default 64)")
     p.set_defaults(func=cmd_demo)
 
-    from fusionkit import convert, describe
+    from fusionkit import converters, describe
 
-    for module in (describe, convert):
+    for module in (describe, converters):
         module.add_command(sub)
     return parser
 

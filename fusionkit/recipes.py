@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ from fusionkit.registry import EXPERTS, FUSIONS, HEADS, Registry, closest
 from fusionkit.trainable import TrainablePolicy
 
 RECIPE_DIR = Path(os.environ.get("FUSIONKIT_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
-SECTIONS = ("name", "description", "inputs", "experts", "fusion", "heads", "trainable", "drop_path", "align")
+SECTIONS = ("name", "description", "inputs", "experts", "fusion", "heads", "trainable", "drop_path")
+RANGE = re.compile(r"^-?\d*:-?\d*$")  # "9:12": YAML 1.1 would read an unquoted 9:12 as the base-60 int 552
 EXPERT_KEYS = ("type", "adapters", "align")
 OPERATOR_KEYS = ("type", "experts", "site", "layers")
 HEAD_KEYS = ("type",)
@@ -106,7 +108,11 @@ def load_recipe(recipe: str | os.PathLike[str] | Mapping[str, Any] | DictConfig,
     if bad:
         raise RecipeError(f"override {bad[0]!r} is not of the form key=value (e.g. fusion.bca.ratio=0.25)")
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        quoted = []
+        for item in overrides:
+            key, _, value = item.partition("=")
+            quoted.append(f"{key}='{value}'" if RANGE.match(value.strip()) else item)
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(quoted))
     data = OmegaConf.to_container(cfg, resolve=True)
     check_keys("", data, SECTIONS, "recipe")
     return data
@@ -153,9 +159,13 @@ def _check_options(path: str, spec: Mapping[str, Any], cls: type, graph_keys: Se
 def _steps(path: str, layers: Any, num_steps: int) -> list[int]:
     if layers is None:
         return list(range(num_steps))
-    if isinstance(layers, str) and ":" in layers:
+    if isinstance(layers, str) and RANGE.match(layers):
         start, _, stop = layers.partition(":")
-        return list(range(num_steps))[slice(int(start) if start else None, int(stop) if stop else None)]
+        steps = list(range(num_steps))[slice(int(start) if start else None, int(stop) if stop else None)]
+        if not steps:
+            raise RecipeError(f"{path}.layers: range {layers!r} selects no step of the graph's {num_steps} steps "
+                              f"(0-{num_steps - 1})")
+        return steps
     if isinstance(layers, int):
         layers = [layers]
     if not isinstance(layers, Sequence) or not all(isinstance(i, int) for i in layers):
@@ -192,6 +202,9 @@ def build_from_config(cfg: Mapping[str, Any]) -> FusionModel:
         experts[name] = _build(path, cls, **options)
         if spec.get("align") is not None:
             align[name] = list(spec["align"])
+            if len(align[name]) != experts[name].depth:
+                raise RecipeError(f"{path}.align lists {len(align[name])} steps but the expert has "
+                                  f"{experts[name].depth} layers (one step per layer)")
     if not experts:
         raise RecipeError("recipe key 'experts' is empty: a model needs at least one expert")
     steps_of = {e: align.get(e, list(range(ex.depth))) for e, ex in experts.items()}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fusionkit
-from fusionkit.convert import CONVERTERS, ConvertError, add_command, cast_variant, convert, convert_file, export
+from fusionkit.converters import CONVERTERS, ConvertError, add_command, cast_variant, convert, convert_file, export
 
 REFERENCE = Path(os.environ.get("FUSIONKIT_REFERENCE", "/work/shared/reference"))
 TSV = {"ek100": "cast_official_ek100_composition.tsv", "single": "cast_official_single_head_400.tsv"}

@@ -115,12 +115,14 @@ class BCA(FusionOp):
             raise ValueError(f"bca: unknown mode {mode!r}; valid: {', '.join(MODES)}")
         if position not in POSITIONS:
             raise ValueError(f"bca: unknown position {position!r}; valid: {', '.join(POSITIONS)}")
-        if not directions:
+        if not any(spec is not None for spec in directions.values()):
             raise ValueError("bca: no directions given (e.g. {t2s: {query: spatial, key: temporal, window: time}})")
         self.mode = mode
         self.directions: dict[str, tuple[str, str, Window]] = {}
         self.positions: dict[str, str] = {}
         for name, spec in directions.items():
+            if spec is None:  # removed by an override: fusion.bca.directions.s2t=null
+                continue
             spec = dict(spec)
             bad = sorted(set(spec) - {"query", "key", "window", "position"})
             if bad or not {"query", "key"} <= set(spec):
