@@ -49,7 +49,8 @@ from fusionkit.registry import EXPERTS, FUSIONS, HEADS, Registry, closest
 from fusionkit.trainable import TrainablePolicy
 
 RECIPE_DIR = Path(os.environ.get("FUSIONKIT_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
-SECTIONS = ("name", "description", "inputs", "experts", "fusion", "heads", "trainable", "drop_path")
+SECTIONS = ("name", "description", "inputs", "experts", "fusion", "heads", "trainable", "drop_path",
+            "data", "train", "eval")  # data / train / eval configure the engine (fusionkit.engine)
 RANGE = re.compile(r"^-?\d*:-?\d*$")  # "9:12": YAML 1.1 would read an unquoted 9:12 as the base-60 int 552
 EXPERT_KEYS = ("type", "adapters", "align")
 OPERATOR_KEYS = ("type", "experts", "site", "layers")
@@ -199,6 +200,11 @@ def build_from_config(cfg: Mapping[str, Any]) -> FusionModel:
         path = f"experts.{name}"
         cls = _section_class(path, spec, EXPERTS)
         options = _check_options(path, spec, cls, EXPERT_KEYS)
+        for key in getattr(cls, "needs_experts", ()):  # e.g. shared: {expert: video} gets the built expert
+            if options.get(key) not in experts:
+                raise RecipeError(f"{path}.{key}: {options.get(key)!r} is not an expert defined above it; "
+                                  f"defined so far: {list(experts)}")
+            options[key] = experts[options[key]]
         experts[name] = _build(path, cls, **options)
         if spec.get("align") is not None:
             align[name] = list(spec["align"])

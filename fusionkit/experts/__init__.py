@@ -7,8 +7,9 @@ from fusionkit.experts.ast import AST
 from fusionkit.experts.base import Expert, FrameSelect, Tokens
 from fusionkit.experts.block import Block
 from fusionkit.experts.clip_vit import ClipViT
+from fusionkit.experts.shared import SharedExpert
 from fusionkit.experts.timm_cnn import TimmCNN
 from fusionkit.experts.timm_vit import TimmViT
 from fusionkit.experts.videomae import VideoMAEViT
 
-__all__ = ["AST", "Block", "ClipViT", "Expert", "FrameSelect", "TimmCNN", "TimmViT", "Tokens", "VideoMAEViT"]
+__all__ = ["AST", "Block", "ClipViT", "Expert", "FrameSelect", "SharedExpert", "TimmCNN", "TimmViT", "Tokens", "VideoMAEViT"]
