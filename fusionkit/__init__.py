@@ -4,7 +4,7 @@
 attention kernel and window; ``fusionkit.registry`` holds the registries.
 """
 
-from fusionkit import attention, experts, frontends, fusion, heads  # noqa: F401 - imported to register built-ins
+from fusionkit import attention, data, experts, frontends, fusion, heads  # noqa: F401 - imported to register built-ins
 from fusionkit.adapters import Adapter, attach_adapters
 from fusionkit.converters import convert
 from fusionkit.recipes import build, load_recipe

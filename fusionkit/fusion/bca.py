@@ -92,7 +92,7 @@ class BCA(FusionOp):
         directions: ``{name: {query: expert, key: expert, window: time|space|space-time|global,
             position: ...}}``, e.g. CAST's ``t2s`` (spatial queries, temporal keys, ``time``) and ``s2t``;
             ``position`` overrides the operator's for one direction (CA²ST: learned for S&T, time
-            for A&S and A&T).
+            for A&S and A&T). Default: both directions between every pair, ``global`` windows.
         ratio: bottleneck width ``d`` as a fraction of the widest joined expert (CAST: 1/2), unless
             ``bottleneck_dim`` is given.
         heads: attention heads over the bottleneck (CAST: 12 over 384).
@@ -106,7 +106,7 @@ class BCA(FusionOp):
     site = "post_attn"
 
     def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
-                 directions: Mapping[str, Mapping[str, str]], step: int = 0, num_steps: int = 1,
+                 directions: Mapping[str, Mapping[str, str] | None] | None = None, step: int = 0, num_steps: int = 1,
                  drop_path: float = 0.0, ratio: float = 0.5, bottleneck_dim: int | None = None, heads: int = 12,
                  position: str = "learned", time_mlp: Mapping[str, Any] | None = None, mode: str = "bottleneck",
                  adapter_ratio: float = 0.25, norm_eps: float = 1e-6) -> None:
@@ -115,6 +115,9 @@ class BCA(FusionOp):
             raise ValueError(f"bca: unknown mode {mode!r}; valid: {', '.join(MODES)}")
         if position not in POSITIONS:
             raise ValueError(f"bca: unknown position {position!r}; valid: {', '.join(POSITIONS)}")
+        if directions is None:  # every ordered pair of joined experts, global windows
+            directions = {f"{k}_to_{q}": {"query": q, "key": k, "window": "global"}
+                          for q in experts for k in experts if q != k}
         if not any(spec is not None for spec in directions.values()):
             raise ValueError("bca: no directions given (e.g. {t2s: {query: spatial, key: temporal, window: time}})")
         self.mode = mode
