@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusionkit.experts.pretrained import WRAPPER_KEYS
+from fusionkit.experts.pretrained import PretrainedError, read_state_dict, unwrap_state_dict
 from fusionkit.registry import closest
 
 StateDict = dict[str, Tensor]
@@ -65,19 +65,8 @@ class Converter:
 # ---------------------------------------------------------------------------------------------------
 
 def unwrap(state_dict: Any) -> StateDict:
-    """A flat ``{key: tensor}`` from a checkpoint: unwraps ``model``/``module``/``state_dict``/
-    ``model_state`` (nested too), strips a DDP ``module.`` prefix and drops non-tensor entries."""
-    sd = state_dict
-    changed = True
-    while changed:
-        changed = False
-        for key in WRAPPER_KEYS:
-            if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
-                sd, changed = sd[key], True
-                break
-    if not isinstance(sd, Mapping):
-        raise ConvertError(f"expected a state dict (a mapping of names to tensors), got a {type(sd).__name__}")
-    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, Tensor)}
+    """A flat ``{key: tensor}`` from a checkpoint (see :func:`~fusionkit.experts.pretrained.unwrap_state_dict`)."""
+    return unwrap_state_dict(state_dict, ConvertError)
 
 
 def _listing(title: str, keys: Iterable[str], suggest_from: Iterable[str] | None = None, limit: int = 12) -> str:
@@ -335,20 +324,10 @@ def export(name: str, state_dict: Mapping[str, Any]) -> StateDict:
 def read_checkpoint(path: str | os.PathLike[str]) -> StateDict:
     """Read ``.safetensors`` or a torch checkpoint (``weights_only``; an ``args`` namespace, as the
     official training scripts save, is allowed) into a flat, unwrapped ``{key: tensor}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConvertError(f"checkpoint {str(path)!r} does not exist")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw: Any = load_file(str(path))
-        else:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise ConvertError(f"cannot read checkpoint {str(path)!r}: {err}") from err
-    return unwrap(raw)
+        return read_state_dict(path)
+    except PretrainedError as err:
+        raise ConvertError(str(err)) from err
 
 
 def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike[str],

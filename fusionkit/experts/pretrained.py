@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -63,29 +65,41 @@ def hub_download(repo: str, what: str, filenames: tuple[str, ...] = ("model.safe
     raise PretrainedError(f"{what}: cannot download pretrained={repo!r} from the hub: " + "; ".join(errors))
 
 
+def unwrap_state_dict(obj: Any, error: type[Exception] = PretrainedError) -> StateDict:
+    """A flat ``{key: tensor}`` from a loaded checkpoint: unwraps ``model``/``module``/``state_dict``/
+    ``model_state`` (nested too), strips a DDP ``module.`` prefix and drops non-tensor entries."""
+    sd = obj
+    while isinstance(sd, Mapping):
+        inner = next((sd[k] for k in WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
+        if inner is None:
+            break
+        sd = inner
+    if not isinstance(sd, Mapping):
+        raise error(f"expected a state dict (a mapping of names to tensors), got a {type(sd).__name__}")
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, Tensor)}
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
-    """Read a checkpoint file into a flat ``{key: tensor}``; unwraps ``model``/``state_dict`` and
-    strips a DDP ``module.`` prefix. Never unpickles arbitrary objects (``weights_only=True``)."""
+    """Read a checkpoint file (``.safetensors`` or a torch file) into a flat ``{key: tensor}``
+    (:func:`unwrap_state_dict`). Never unpickles arbitrary objects: torch files load with
+    ``weights_only=True``, allowing only the ``argparse.Namespace`` that training scripts save."""
     path = Path(path)
     if not path.is_file():
-        raise PretrainedError(f"pretrained weight file {str(path)!r} does not exist")
+        raise PretrainedError(f"weight file {str(path)!r} does not exist")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            sd: Mapping = load_file(str(path))
+            raw: Any = load_file(str(path))
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except PretrainedError:
-        raise
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise PretrainedError(f"cannot read pretrained weights {str(path)!r}: {err}") from err
-    for key in WRAPPER_KEYS:
-        if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
-            sd = sd[key]
-    if not isinstance(sd, Mapping):
-        raise PretrainedError(f"{str(path)!r} holds a {type(sd).__name__}, not a state dict")
-    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, Tensor)}
+        raise PretrainedError(f"cannot read weights {str(path)!r}: {err}") from err
+    try:
+        return unwrap_state_dict(raw)
+    except PretrainedError as err:
+        raise PretrainedError(f"{str(path)!r}: {err}") from err
 
 
 def load_into(module: nn.Module, state_dict: StateDict, source: str, ignore: Callable[[str], bool] | None = None) -> None:

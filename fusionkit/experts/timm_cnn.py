@@ -9,8 +9,7 @@ from torch import Tensor, nn
 
 from fusionkit.attention import TokenLayout
 from fusionkit.experts.base import Expert, FrameSelect, Tokens
-from fusionkit.experts.pretrained import PretrainedError, is_local_file, require_online
-from fusionkit.experts.timm_vit import frame_select
+from fusionkit.experts.timm_vit import create_timm_model, frame_select
 from fusionkit.registry import EXPERTS
 
 
@@ -42,26 +41,14 @@ class TimmCNN(Expert):
         frozen: freeze all parameters and keep BatchNorm statistics fixed (eval mode) in training.
 
     Tokens after layer ``i``: ``(B, T·H_i·W_i, C_i)``, no extras (``dims`` = stage widths, e.g.
-    256/512/1024/2048 for ResNet-50). Fusion operators act between stages (the ``post_layer`` site).
+    256/512/1024/2048 for ResNet-50). A stage runs in the graph's attention phase, so operators at ``post_attn`` / ``post_mlp`` of
+    that step see the stage's output.
     """
 
     def __init__(self, name: str = "resnet50", pretrained: str | bool | None = None,
                  frames: FrameSelect | dict[str, Any] | None = None, num_stages: int = 4,
                  frozen: bool = True, modality: str = "video", **kwargs: Any) -> None:
-        import timm
-
-        create: dict[str, Any] = dict(num_classes=0, **kwargs)
-        if isinstance(pretrained, str) and is_local_file(pretrained):
-            create.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained))
-        elif pretrained:
-            require_online(name, f"timm_cnn {name!r}")
-            create.update(pretrained=True)
-        try:
-            cnn = timm.create_model(name, **create)
-        except Exception as err:
-            if create.get("pretrained"):
-                raise PretrainedError(f"timm_cnn {name!r}: cannot load pretrained={pretrained!r}: {err}") from err
-            raise
+        cnn = create_timm_model(name, pretrained, "timm_cnn", num_classes=0, **kwargs)
         super().__init__(modality, "avg")
         info = cnn.feature_info[-num_stages:]
         first = info[0]["module"].split(".")[0]

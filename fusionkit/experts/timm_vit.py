@@ -21,6 +21,27 @@ def frame_select(frames: FrameSelect | dict[str, Any] | None) -> FrameSelect:
     return frames if isinstance(frames, FrameSelect) else FrameSelect(**dict(frames))
 
 
+def create_timm_model(name: str, pretrained: str | bool | None, what: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with fusionkit's ``pretrained`` rules: ``None`` (random init), a local file
+    in timm's layout (any format timm reads: .safetensors, .pth, .npz), or ``True`` / a tag to download
+    on an online machine (offline: an immediate :class:`PretrainedError` naming the alternative)."""
+    import timm
+
+    if isinstance(pretrained, str) and is_local_file(pretrained):
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained))
+    elif pretrained:
+        require_online(name if pretrained is True else str(pretrained), f"{what} {name!r}")
+        kwargs.update(pretrained=True)
+        if isinstance(pretrained, str):
+            name = f"{name.split('.')[0]}.{pretrained}"
+    try:
+        return timm.create_model(name, **kwargs)
+    except Exception as err:
+        if kwargs.get("pretrained"):
+            raise PretrainedError(f"{what} {name!r}: cannot load pretrained={pretrained!r}: {err}") from err
+        raise
+
+
 def attention_from_timm(attn: nn.Module) -> Attention:
     """A fusionkit :class:`Attention` holding the weights of a timm ``Attention`` module."""
     extra = [n for n in ("norm", "gate") if not isinstance(getattr(attn, n, None), (nn.Identity, type(None)))]
@@ -66,22 +87,7 @@ class TimmViT(Expert):
     def __init__(self, name: str = "vit_base_patch16_224", pretrained: str | bool | None = None,
                  frames: FrameSelect | dict[str, Any] | None = None, pool: str | None = None,
                  drop_path: float = 0.0, frozen: bool = True, modality: str = "video", **kwargs: Any) -> None:
-        import timm
-
-        create: dict[str, Any] = dict(num_classes=0, drop_path_rate=drop_path, **kwargs)
-        if isinstance(pretrained, str) and is_local_file(pretrained):
-            create.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained))
-        elif pretrained:
-            require_online(name if pretrained is True else str(pretrained), f"timm_vit {name!r}")
-            create.update(pretrained=True)
-            if isinstance(pretrained, str):
-                name = f"{name.split('.')[0]}.{pretrained}"
-        try:
-            vit = timm.create_model(name, **create)
-        except Exception as err:
-            if create.get("pretrained"):
-                raise PretrainedError(f"timm_vit {name!r}: cannot load pretrained={pretrained!r}: {err}") from err
-            raise
+        vit = create_timm_model(name, pretrained, "timm_vit", num_classes=0, drop_path_rate=drop_path, **kwargs)
         super().__init__(modality, pool or ("avg" if vit.global_pool == "avg" else "cls"))
         vit.blocks = nn.ModuleList(block_from_timm(b, "space") for b in vit.blocks)
         vit.reset_classifier(0)
