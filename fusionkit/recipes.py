@@ -189,7 +189,7 @@ def _build(path: str, fn: Any, **kwargs: Any) -> Any:
 
 def build_from_config(cfg: Mapping[str, Any]) -> FusionModel:
     """Build the model a loaded recipe describes (see :func:`build`)."""
-    inputs = cfg.get("inputs") or {}
+    inputs = {k: v for k, v in (cfg.get("inputs") or {}).items() if v is not None}  # null removes an input
     if not inputs:
         raise RecipeError("recipe key 'inputs' is missing: give one sample's shape per modality, "
                           "e.g. inputs: {video: [3, 16, 224, 224]}")

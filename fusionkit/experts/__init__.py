@@ -1,7 +1,11 @@
 """Experts: frozen pretrained networks that turn a modality into tokens with a layout.
 
-Importing this package registers the built-in experts (``fusionkit list`` shows them).
+Every module of this package is imported here, so ``import fusionkit`` registers the built-in
+experts (``fusionkit list`` shows them) and a new expert is one new file.
 """
+
+import importlib
+import pkgutil
 
 from fusionkit.experts.ast import AST
 from fusionkit.experts.base import Expert, FrameSelect, Tokens
@@ -12,4 +16,8 @@ from fusionkit.experts.timm_cnn import TimmCNN
 from fusionkit.experts.timm_vit import TimmViT
 from fusionkit.experts.videomae import VideoMAEViT
 
-__all__ = ["AST", "Block", "ClipViT", "Expert", "FrameSelect", "SharedExpert", "TimmCNN", "TimmViT", "Tokens", "VideoMAEViT"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["AST", "Block", "ClipViT", "Expert", "FrameSelect", "SharedExpert", "TimmCNN", "TimmViT", "Tokens",
+           "VideoMAEViT"]

@@ -52,10 +52,18 @@ class FusionOp(nn.Module):
     """Base class of fusion operators (one instance per step of the operator's layer range).
 
     Subclasses set ``site`` (their default site) and implement :meth:`forward`, returning the new
-    tokens of the experts they change (the others are left as they are).
+    tokens of the experts they change (the others are left as they are). Two more class attributes
+    state what the swap test (every operator in one two-expert graph) may rely on:
+
+    * ``zero_init``: the operator leaves the experts' tokens unchanged at initialisation;
+    * ``example``: options that make it build in a small two-expert graph (width 64, 4 heads), and
+      ``example_recipe``: a recipe fragment for operators that need other experts or inputs.
     """
 
     site: str = "post_attn"
+    zero_init: bool = False
+    example: dict = {}
+    example_recipe: dict = {}
 
     def __init__(self, *, experts: Sequence[str]) -> None:
         super().__init__()

@@ -104,6 +104,8 @@ class BCA(FusionOp):
     """
 
     site = "post_attn"
+    zero_init = True  # zero up-projection / output projection / adapter
+    example = {"heads": 4}
 
     def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
                  directions: Mapping[str, Mapping[str, str] | None] | None = None, step: int = 0, num_steps: int = 1,

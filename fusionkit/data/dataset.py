@@ -1,0 +1,284 @@
+"""``ManifestDataset``: clips of real media files listed in a manifest, registered as ``manifest``.
+
+One item = one manifest row (training) or one test view (evaluation: ``clips × crops`` views per
+row, all sharing the row's ``clip_id``, so :class:`~fusionkit.metrics.MetricTracker` averages them).
+
+Per item:
+
+1. **frames**: the row's span ``[start, end)`` covers frames ``ceil(start·fps) … ceil(end·fps) - 1``;
+   ``frames`` of them are sampled (``dense`` with ``stride``, or one per ``segment``; random in
+   training, at the view's clip position in evaluation, see :mod:`fusionkit.data.sampling`) and
+   decoded with PyAV after seeking to the first one.
+2. **video**: train: random resized crop → flip → colour jitter → RandAugment (one draw per clip);
+   test: short side to ``short_side`` (default ``size``) → the view's square crop; then normalised
+   (``mean``/``std``, ImageNet's by default) to float32 ``(3, T, size, size)``.
+3. **audio**: from the same container, or the row's ``audio_path`` (time 0 = the video's time 0),
+   mono (channel mean), resampled to ``audio.sample_rate``, cut to exactly the sampled frames' time
+   span ``[first / fps, (last + 1) / fps)``; with ``audio.seconds`` a window of that length centred
+   on the span instead (zeros where the file has no audio). Without video (``modalities:
+   [audio]``) the window lies in the row's span: random in training, at the clip position in
+   evaluation; the whole span without ``seconds``. ``audio.frontend`` (a ``FRONTENDS`` entry, e.g.
+   ``{type: kaldi_fbank, target_length: 1024}``) turns the waveform into features here; by default
+   the model's expert runs its front-end on the batch.
+4. A file that cannot be decoded gives :class:`~fusionkit.data.collate.Skipped` (path, reason),
+   logged as a warning; :func:`~fusionkit.data.collate.collate` drops it and lists it.
+
+Randomness: each item draws everything from one item seed. With ``seed=None`` that seed comes from
+``torch``'s RNG (seeded per worker by the DataLoader, see :mod:`fusionkit.data.loader`); with an
+integer ``seed`` it is derived from ``(seed, epoch, index)`` only, reproducible for any worker count
+(call :meth:`ManifestDataset.set_epoch` every epoch to vary the augmentation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fusionkit.data import decode, sampling
+from fusionkit.data.collate import Skipped
+from fusionkit.data.manifest import Manifest
+from fusionkit.data.transforms import TrainTransform, norm_constants, normalize, to_video, view_crop
+from fusionkit.registry import DATASETS
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("video", "audio")
+MISSING = ("silence", "error", "skip")
+AUDIO_KEYS = ("sample_rate", "seconds", "missing", "frontend")
+VIEW_KEYS = ("clips", "crops")
+
+
+class MissingAudioError(RuntimeError):
+    """A media file without an audio track while ``audio.missing`` is ``error``."""
+
+
+def _options(given: Mapping[str, Any] | None, defaults: dict[str, Any], what: str) -> dict[str, Any]:
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"ManifestDataset: unknown {what} option(s) {unknown}; valid: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+@DATASETS.register("manifest")
+class ManifestDataset(Dataset):
+    """Video / audio clips of the media files listed in a CSV or JSONL manifest.
+
+    Args:
+        path: manifest file (see :mod:`fusionkit.data.manifest` for its columns).
+        root: folder relative media paths start from (default: the manifest's folder).
+        heads: head → label column (default: every column but path / start / end / id / audio_path).
+        classes: head → class-name file (one name per line; relative to the manifest's folder).
+        modalities: any of ``video``, ``audio``.
+        frames: frames per clip; sampling: ``dense`` or ``segment``; stride: frame step (dense).
+        size: output side of the square crops; short_side: test-time resize (default ``size``).
+        train: training mode (random sampling and augmentation, one view per row).
+        views: ``{clips, crops}`` test views per row (ignored in training).
+        audio: ``{sample_rate: 16000, seconds: None, missing: silence | error | skip, frontend: None}``.
+        mean, std: normalisation: ``"imagenet"`` (default) / ``"clip"``, or three-value lists.
+        random_resized_crop: ``{scale, ratio}`` (or a ``[min, max]`` scale), default scale (0.08, 1);
+            ``False``: short-side resize and a random crop instead.
+        flip, color_jitter, randaugment (``{n, m}``): train augmentation, see
+            :class:`~fusionkit.data.transforms.TrainTransform`.
+        seed: ``None`` (randomness from the worker's torch RNG) or an int (per-item seeds from
+            ``(seed, epoch, index)``).
+    """
+
+    def __init__(self, path: str | Path, root: str | Path | None = None, heads: Mapping[str, str] | None = None,
+                 classes: Mapping[str, str] | None = None, modalities: Sequence[str] = ("video",),
+                 frames: int = 16, sampling: str = "dense", stride: int = 4, size: int = 224,
+                 short_side: int | None = None, train: bool = False, views: Mapping[str, int] | None = None,
+                 audio: Mapping[str, Any] | None = None, mean: str | Sequence[float] = "imagenet",
+                 std: str | Sequence[float] | None = None, random_resized_crop: Mapping | Sequence | bool | None = None,
+                 flip: bool = True, color_jitter: float | Sequence[float] | None = None,
+                 randaugment: Mapping[str, int] | None = None, seed: int | None = None) -> None:
+        modalities = [modalities] if isinstance(modalities, str) else list(modalities)
+        bad = [m for m in modalities if m not in MODALITIES]
+        if bad or not modalities:
+            raise ValueError(f"ManifestDataset: modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+        if sampling not in sampling_schemes():
+            raise ValueError(f"ManifestDataset: sampling must be one of {sampling_schemes()}, got {sampling!r}")
+        if frames < 1 or stride < 1 or size < 1:
+            raise ValueError(f"ManifestDataset: frames, stride and size must be >= 1, got {frames}, {stride}, {size}")
+        self.manifest = Manifest(path, root=root, heads=heads, classes=classes)
+        self.modalities = modalities
+        self.frames, self.sampling, self.stride, self.size = int(frames), sampling, int(stride), int(size)
+        self.short_side = int(short_side) if short_side else self.size
+        if self.short_side < self.size:
+            raise ValueError(f"ManifestDataset: short_side ({self.short_side}) must be >= size ({self.size})")
+        self.train = bool(train)
+        v = _options(views, {"clips": 1, "crops": 1}, "views")
+        self.clips, self.crops = (1, 1) if self.train else (int(v["clips"]), int(v["crops"]))
+        if self.clips < 1 or self.crops < 1:
+            raise ValueError(f"ManifestDataset: views need clips >= 1 and crops >= 1, got {v}")
+        self.audio = _options(audio, {"sample_rate": 16000, "seconds": None, "missing": "silence", "frontend": None},
+                              "audio")
+        if self.audio["missing"] not in MISSING:
+            raise ValueError(f"ManifestDataset: audio.missing must be one of {MISSING}, got {self.audio['missing']!r}")
+        if int(self.audio["sample_rate"]) <= 0:
+            raise ValueError(f"ManifestDataset: audio.sample_rate must be > 0, got {self.audio['sample_rate']}")
+        if self.audio["seconds"] is not None and float(self.audio["seconds"]) <= 0:
+            raise ValueError(f"ManifestDataset: audio.seconds must be > 0 or None, got {self.audio['seconds']}")
+        self.frontend = None
+        if self.audio["frontend"]:
+            from fusionkit.registry import FRONTENDS
+
+            spec = dict(self.audio["frontend"])
+            kind = spec.pop("type", "kaldi_fbank")
+            spec.setdefault("sample_rate", int(self.audio["sample_rate"]))
+            self.frontend = FRONTENDS.build(kind, **spec)
+        self.mean, self.std = norm_constants(mean, std)
+        rrc: dict[str, Any] = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)}
+        if random_resized_crop is False:
+            rrc["scale"] = None
+        elif isinstance(random_resized_crop, Mapping):
+            rrc = _options(random_resized_crop, rrc, "random_resized_crop")
+        elif random_resized_crop not in (None, True):
+            rrc["scale"] = tuple(random_resized_crop)
+        self.augment = TrainTransform(self.size, scale=rrc["scale"], ratio=rrc["ratio"], flip=flip,
+                                      color_jitter=color_jitter, randaugment=dict(randaugment) if randaugment else None)
+        self.seed = seed
+        self.epoch = 0
+
+    # -- the contract's small API ---------------------------------------------------------------
+
+    @property
+    def heads(self) -> dict[str, str]:
+        """Head → label column."""
+        return dict(self.manifest.heads)
+
+    @property
+    def views_per_item(self) -> int:
+        return self.clips * self.crops
+
+    def class_names(self, head: str) -> list[str]:
+        """Class names of ``head`` (from its class-name file, or inferred from the labels)."""
+        if head not in self.manifest.names:
+            raise KeyError(f"unknown head {head!r}; heads: {sorted(self.manifest.names)}")
+        return list(self.manifest.names[head])
+
+    def num_classes(self, head: str) -> int:
+        return len(self.class_names(head))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary the per-item seeds of a seeded dataset from epoch to epoch."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.manifest) * self.views_per_item
+
+    def __repr__(self) -> str:
+        return (f"ManifestDataset({self.manifest.path}, {len(self.manifest)} items, {self.views_per_item} views, "
+                f"modalities={self.modalities}, frames={self.frames}, sampling={self.sampling}, train={self.train})")
+
+    # -- items ----------------------------------------------------------------------------------
+
+    def item_seed(self, index: int) -> int:
+        if self.seed is None:
+            return int(torch.randint(0, 2**62, (1,)).item())
+        return int(np.random.SeedSequence([int(self.seed), self.epoch, int(index)]).generate_state(2, np.uint64)[0]
+                   % 2**62)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} views")
+        row, view = divmod(int(index), self.views_per_item)
+        clip, crop = divmod(view, self.crops)
+        item = self.manifest.items[row]
+        try:
+            return self._load(item, clip, crop, self.item_seed(index))
+        except decode.DecodeError as err:
+            log.warning("skipping %s: %s", item.path, err)
+            return Skipped(item.path, str(err), item.clip_id)
+
+    def _load(self, item, clip: int, crop: int, seed: int) -> dict[str, Any]:
+        rng = random.Random(seed)
+        info = decode.probe(item.path)
+        out: dict[str, Any] = {}
+        start = item.start or 0.0
+        window = None  # (t0, t1) seconds the clip covers, relative to the media's origin
+        if "video" in self.modalities:
+            if not info.has_video:
+                raise decode.DecodeError(f"{item.path} has no video stream")
+            fps = info.fps
+            first = int(math.ceil(start * fps - 1e-6))
+            stop = info.num_frames if item.end is None else min(info.num_frames, int(math.ceil(item.end * fps - 1e-6)))
+            if stop <= first:
+                raise decode.DecodeError(f"{item.path}: span [{start}, {item.end}) holds no frame "
+                                         f"({info.num_frames} frames at {fps:g} fps)")
+            position = None if self.train else sampling.clip_positions(self.sampling, self.clips)[clip]
+            idx = sampling.sample_indices(self.sampling, stop - first, self.frames, self.stride, position, rng)
+            numbers = [first + i for i in idx]
+            video = to_video(decode.read_frames(item.path, numbers, info))
+            if self.train:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(rng.randrange(2**62))
+                    video = self.augment(video)
+            else:
+                video = view_crop(video, self.size, sampling.crop_positions(self.crops)[crop], self.short_side)
+            out["video"] = normalize(video, self.mean, self.std)
+            out["frame_index"] = torch.tensor(numbers, dtype=torch.long)
+            window = (min(numbers) / fps, (max(numbers) + 1) / fps)
+        missing = False
+        if "audio" in self.modalities:
+            out["audio"], missing, audio_window = self._audio(item, info, window, clip, rng)
+            window = window or audio_window
+        out["labels"] = {h: torch.tensor(v, dtype=torch.long) for h, v in item.labels.items()}
+        out["span"] = torch.tensor(window, dtype=torch.float64)
+        out["clip_id"] = item.clip_id
+        out["path"] = item.path
+        out["audio_missing"] = bool(missing)
+        return out
+
+    def _audio(self, item, info: decode.MediaInfo, window: tuple[float, float] | None, clip: int,
+               rng: random.Random) -> tuple[torch.Tensor, bool, tuple[float, float]]:
+        """Mono audio at ``audio.sample_rate``, whether the track was missing, and its window (s)."""
+        rate = int(self.audio["sample_rate"])
+        seconds = None if self.audio["seconds"] is None else float(self.audio["seconds"])
+        if window is not None:
+            t0, t1 = window
+            if seconds is not None:
+                centre = (t0 + t1) / 2
+                t0, t1 = centre - seconds / 2, centre + seconds / 2
+        else:  # audio alone: a window inside the row's span
+            lo = item.start or 0.0
+            hi = item.end if item.end is not None else info.duration
+            if item.audio_path is not None and item.end is None:
+                hi = decode.probe(item.audio_path).duration
+            if seconds is None:
+                t0, t1 = lo, hi
+            else:
+                slack = max(hi - lo - seconds, 0.0)
+                pos = rng.random() if self.train else sampling.clip_positions("dense", self.clips)[clip]
+                t0 = lo + slack * pos
+                t1 = t0 + seconds
+        if item.audio_path is not None:
+            wave = decode.read_audio(item.audio_path, t0, t1, rate, origin=0.0)
+        else:
+            wave = decode.read_audio(item.path, t0, t1, rate, origin=info.origin)
+        missing = wave is None
+        if missing:
+            policy = self.audio["missing"]
+            source = item.audio_path or item.path
+            if policy == "error":
+                raise MissingAudioError(f"{source} has no audio track (set audio.missing to 'silence' or 'skip' "
+                                        "to continue without it)")
+            if policy == "skip":
+                raise decode.DecodeError(f"{source} has no audio track (audio.missing: skip)")
+            wave = torch.zeros(int(round((t1 - t0) * rate)), dtype=torch.float32)
+        if self.frontend is not None:
+            with torch.no_grad():
+                wave = self.frontend(wave[None], rate)[0]
+        return wave, missing, (t0, t1)
+
+
+def sampling_schemes() -> tuple[str, ...]:
+    return sampling.SCHEMES

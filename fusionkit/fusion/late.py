@@ -1,0 +1,159 @@
+"""``late``: late fusion at the penultimate layer (paper 001 Table 1 (b), Figure 7 (a, b); paper 000 Table IX),
+and the test-time ensemble of independent experts (Table 1 (a), Table VIII).
+
+Late fusion exchanges information once, on the representation that feeds the classifiers. It is
+an operator (not a head) so that every head keeps reading its own expert (EK100: verb from the
+temporal expert, noun from the spatial one) and the heads stay the ones of the compared models.
+A recipe places it at the last graph step, site ``post_mlp`` (``layers: [-1]``): right after the
+last layer, before ``final_norm`` and pooling. ``layers: [-2]`` moves it one layer earlier.
+
+Every expert ``a`` receives the pooled features ``m_b`` of the other joined experts ``b``
+(``m_b``: mean of ``b``'s patch tokens, ``(B, D_b)``, the ``avg`` pool every expert has),
+broadcast to all of ``a``'s tokens (patches and extras)::
+
+    add:     Y_a' = Y_a + DropPath( Σ_b W_{b→a} m_b )                  W_{b→a}: D_b → D_a
+    concat:  Y_a' = Y_a + DropPath( W_a [Y_a ; m_b1 ; m_b2 ; …] )       W_a: D_a + Σ_b D_b → D_a
+
+``concat`` is the projection of the concatenation written in residual form: ``Y + W[Y; m]``
+equals a plain projection ``W'[Y; m]`` with ``W' = W + [I 0]``, the same set of functions, and
+with ``W`` zero-initialised (weight and bias) both modes are the identity at init
+(``zero_init = True``).
+
+The test-time ensemble is not an operator: a recipe gives every expert its own heads and an
+``eval.ensemble`` key naming which heads are averaged (see :func:`ensemble`), e.g.::
+
+    eval:
+      ensemble:
+        verb: {heads: [verb_temporal, verb_spatial], combine: softmax}
+        noun: {heads: [noun_spatial, noun_temporal], combine: softmax}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+from fusionkit.attention import TokenLayout
+from fusionkit.fusion.base import FusionOp, SiteState
+from fusionkit.registry import FUSIONS
+
+MODES = ("add", "concat")
+COMBINE = ("softmax", "logits", "sigmoid")
+
+
+def pooled(x: Tensor, layout: TokenLayout) -> Tensor:
+    """Mean of the patch tokens of ``x`` ``(B, L, D)``: ``(B, D)``."""
+    _, patches = layout.split(x)
+    return patches.mean(dim=(1, 2))
+
+
+@FUSIONS.register("late")
+class LateFusion(FusionOp):
+    """Late fusion (CAST / CAVA baseline): pooled features of the other experts added (projected) or concatenated.
+
+    See the module docstring. Parameters: ``add``: ``proj.<b>_to_<a>.*`` ``(D_a, D_b)``;
+    ``concat``: ``proj.<a>.*`` ``(D_a, D_a + Σ_b D_b)``.
+
+    Args:
+        experts, dims, layouts: from the graph (at least two experts).
+        mode: ``add`` (default) or ``concat``.
+        receivers: experts that are updated (default: all joined experts, i.e. bidirectional).
+        drop_path: stochastic depth of the update (the graph's rate for this step).
+    """
+
+    site = "post_mlp"
+    zero_init = True  # the graph is the identity at init (zero projections)
+
+    def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
+                 step: int = 0, num_steps: int = 1, drop_path: float = 0.0, mode: str = "add",
+                 receivers: Sequence[str] | None = None) -> None:
+        super().__init__(experts=experts)
+        if mode not in MODES:
+            raise ValueError(f"late: unknown mode {mode!r}; valid: {', '.join(MODES)}")
+        if len(self.experts) < 2:
+            raise ValueError(f"late: needs at least two experts to fuse, got {list(self.experts)}")
+        receivers = list(receivers) if receivers is not None else list(self.experts)
+        bad = [e for e in receivers if e not in self.experts]
+        if bad or not receivers:
+            raise ValueError(f"late: receivers {receivers} must be a non-empty subset of the joined experts "
+                             f"{list(self.experts)}")
+        self.mode = mode
+        self.receivers = tuple(receivers)
+        self.sources = {a: tuple(b for b in self.experts if b != a) for a in self.receivers}
+        self.proj = nn.ModuleDict()
+        for a in self.receivers:
+            if mode == "add":
+                for b in self.sources[a]:
+                    self.proj[f"{b}_to_{a}"] = nn.Linear(dims[b], dims[a])
+            else:
+                self.proj[a] = nn.Linear(dims[a] + sum(dims[b] for b in self.sources[a]), dims[a])
+        for m in self.proj.values():
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, state: SiteState) -> dict[str, Tensor]:
+        """New tokens ``(B, L_a, D_a)`` of every receiver ``a``."""
+        feats = {e: pooled(state.x[e], state.layouts[e]) for e in self.experts}  # (B, D_e)
+        out = {}
+        for a in self.receivers:
+            x = state.x[a]
+            if self.mode == "add":
+                delta = sum(self.proj[f"{b}_to_{a}"](feats[b]) for b in self.sources[a])[:, None]  # (B, 1, D_a)
+            else:
+                others = torch.cat([feats[b] for b in self.sources[a]], dim=-1)                   # (B, Σ D_b)
+                cat = torch.cat([x, others[:, None].expand(-1, x.shape[1], -1)], dim=-1)       # (B, L_a, D_a + Σ D_b)
+                delta = self.proj[a](cat)
+            out[a] = x + self.drop_path(delta.expand_as(x))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, receivers={list(self.receivers)}"
+
+
+def ensemble(logits: Mapping[str, Tensor], groups: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Test-time ensemble: average the predictions of several heads (``eval.ensemble`` of a recipe).
+
+    Args:
+        logits: head name → logits ``(B, C)`` (what ``model(batch)`` returns).
+        groups: output name → ``{heads: [head, ...], combine: softmax | logits | sigmoid}`` or just a
+            list of heads (``combine: softmax``). ``softmax``: mean of the heads' class probabilities
+            (paper 001's ensemble of experts); ``logits``: mean of the logits (paper 000's "logit
+            ensemble"); ``sigmoid``: mean of per-class probabilities (multi-label heads).
+
+    Returns:
+        output name → ``(B, C)`` scores: the mean probabilities (``softmax`` / ``sigmoid``) or the mean
+        logits; top-k and mAP read either. Heads of one group must have the same number of classes.
+    """
+    out = {}
+    for name, spec in groups.items():
+        spec = {"heads": list(spec)} if isinstance(spec, Sequence) and not isinstance(spec, str) else dict(spec)
+        bad = sorted(set(spec) - {"heads", "combine"})
+        if bad:
+            raise ValueError(f"ensemble {name!r}: unknown key(s) {bad}; valid: heads, combine")
+        heads = list(spec.get("heads") or [])
+        combine = spec.get("combine", "softmax")
+        if combine not in COMBINE:
+            raise ValueError(f"ensemble {name!r}: unknown combine {combine!r}; valid: {', '.join(COMBINE)}")
+        if not heads:
+            raise ValueError(f"ensemble {name!r}: no heads given")
+        missing = [h for h in heads if h not in logits]
+        if missing:
+            raise KeyError(f"ensemble {name!r}: no logits for head(s) {missing}; heads are {sorted(logits)}")
+        shapes = {h: tuple(logits[h].shape) for h in heads}
+        if len(set(shapes.values())) != 1:
+            raise ValueError(f"ensemble {name!r}: heads disagree on shape {shapes}")
+        stack = torch.stack([logits[h] for h in heads])  # (K, B, C)
+        if combine == "softmax":
+            stack = stack.softmax(dim=-1)
+        elif combine == "sigmoid":
+            stack = stack.sigmoid()
+        out[name] = stack.mean(dim=0)
+    return out
+
+
+__all__ = ["LateFusion", "ensemble", "pooled"]
