@@ -127,9 +127,13 @@ class FusionModel(nn.Module):
         unknown = [e for e in spec.experts if e not in self.experts]
         if unknown:
             raise ValueError(f"operator {spec.name!r} joins unknown expert(s) {unknown}; experts: {list(self.experts)}")
-        site = spec.site or spec.cls.site
-        if site not in SITES:
-            raise ValueError(f"operator {spec.name!r}: unknown site {site!r}; valid sites: {', '.join(SITES)}")
+        if spec.cls.sites and spec.site:
+            raise ValueError(f"operator {spec.name!r}: {spec.cls.__name__} acts at the sites {spec.cls.sites}; "
+                             "its site cannot be set")
+        sites = spec.cls.sites or (spec.site or spec.cls.site,)
+        for site in sites:
+            if site not in SITES:
+                raise ValueError(f"operator {spec.name!r}: unknown site {site!r}; valid sites: {', '.join(SITES)}")
         ops = nn.ModuleDict()
         for step in spec.steps:
             if not 0 <= step < self.num_steps:
@@ -142,7 +146,8 @@ class FusionModel(nn.Module):
             except (ValueError, TypeError, KeyError) as err:
                 raise ValueError(f"operator {spec.name!r} ({spec.cls.__name__}) at step {step}: {err}") from err
             ops[str(step)] = op
-            self._schedule[step][site].append(op)
+            for site in sites:
+                self._schedule[step][site].append(op)
         self.fusions[spec.name] = ops
 
     # running -----------------------------------------------------------------------------------
@@ -155,10 +160,10 @@ class FusionModel(nn.Module):
             out[e] = expert.embed(batch[expert.modality])
         return out
 
-    def _run_site(self, ops: list[FusionOp], x: dict[str, Tensor], layouts: dict[str, TokenLayout],
+    def _run_site(self, site: str, ops: list[FusionOp], x: dict[str, Tensor], layouts: dict[str, TokenLayout],
                   layers: dict[str, nn.Module], step: int) -> None:
         for op in ops:
-            x.update(op(SiteState(x, layouts, layers, step)))
+            x.update(op(SiteState(x, layouts, layers, step, site)))
 
     def forward_tokens(self, batch: Mapping[str, Tensor]) -> dict[str, Tokens]:
         """Final tokens of every expert (after ``final_norm``) with all operators applied."""
@@ -169,7 +174,7 @@ class FusionModel(nn.Module):
             sites = self._schedule[step]
             layers = {e: self.experts[e].layers[i] for e, i in self._active(step).items()}
             handled = {e for op in sites["replace_attn"] for e in op.experts}
-            self._run_site(sites["replace_attn"], x, layouts, layers, step)
+            self._run_site("replace_attn", sites["replace_attn"], x, layouts, layers, step)
             for e, layer in layers.items():
                 if e in handled:
                     continue
@@ -177,11 +182,11 @@ class FusionModel(nn.Module):
                     x[e] = layer.attend(x[e], layouts[e])
                 else:
                     x[e], layouts[e] = layer(x[e], layouts[e])
-            self._run_site(sites["post_attn"], x, layouts, layers, step)
+            self._run_site("post_attn", sites["post_attn"], x, layouts, layers, step)
             for e, layer in layers.items():
                 if hasattr(layer, "feed_forward"):
                     x[e] = layer.feed_forward(x[e])
-            self._run_site(sites["post_mlp"], x, layouts, layers, step)
+            self._run_site("post_mlp", sites["post_mlp"], x, layouts, layers, step)
         return {e: Tokens(self.experts[e].final_norm(x[e]), layouts[e]) for e in x}
 
     def features(self, tokens: Mapping[str, Tokens]) -> dict[tuple[str, str | None], Tensor]:
@@ -204,8 +209,8 @@ class FusionModel(nn.Module):
         rows = []
         for name, ops in self.fusions.items():
             first = next(iter(ops.values()), None)
-            site = next((s for s in SITES for step in ops for o in self._schedule[int(step)][s] if o is ops[step]),
-                        None)
+            site = "+".join(s for s in SITES if first is not None and
+                            any(o is first for o in self._schedule[int(next(iter(ops)))][s])) or None
             rows.append({"operator": name, "type": type(first).__name__ if first is not None else "-",
                          "experts": list(first.experts) if first is not None else [],
                          "steps": [int(s) for s in ops], "site": site})

@@ -373,4 +373,4 @@ def test_load_inputs_for_predict(media_dir):
         load_inputs(media_dir / "media" / "garbage.mp4", recipe)
     import fusionkit.data as data
 
-    assert callable(data.collate.collate) and callable(data.load_inputs.load_inputs)
+    assert callable(data.collate) and callable(data.load_inputs) and callable(data.build_loader)

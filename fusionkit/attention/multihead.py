@@ -59,15 +59,24 @@ class Attention(nn.Module):
     def _heads(self, t: Tensor) -> Tensor:
         return rearrange(t, "b l (h k) -> b h l k", h=self.num_heads)
 
-    def forward(self, x: Tensor, kv: Tensor | None = None, bias: Bias = None) -> Tensor:
-        """Attend ``x`` ``(B, L, D)`` to ``kv`` ``(B, M, D)`` (default ``x``); returns ``(B, L, D)``."""
+    def forward(self, x: Tensor, kv: Tensor | None = None, bias: Bias = None, values: Tensor | None = None) -> Tensor:
+        """Attend ``x`` ``(B, L, D)`` to ``kv`` ``(B, M, D)`` (default ``x``); returns ``(B, L, D)``.
+
+        ``values`` ``(B, M, D)``, when given, supplies the value tokens instead of ``kv`` (keys from
+        ``kv``, values from ``values``: AV-STFP's separate key and value prompts).
+        """
         w, b = self.qkv.weight, self.qkv_bias()
-        if kv is None:
+        if kv is None and values is None:
             q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
         else:
             d = x.shape[-1]
+            kv = x if kv is None else kv
             q = F.linear(x, w[:d], None if b is None else b[:d])
-            k, v = F.linear(kv, w[d:], None if b is None else b[d:]).chunk(2, dim=-1)
+            if values is None:
+                k, v = F.linear(kv, w[d:], None if b is None else b[d:]).chunk(2, dim=-1)
+            else:
+                k = F.linear(kv, w[d:2 * d], None if b is None else b[d:2 * d])
+                v = F.linear(values, w[2 * d:], None if b is None else b[2 * d:])
         q, k, v = self.q_norm(self._heads(q)), self.k_norm(self._heads(k)), self._heads(v)
         out = attention(q, k, v, bias=bias, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(rearrange(out, "b h l k -> b l (h k)")))

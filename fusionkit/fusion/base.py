@@ -40,19 +40,23 @@ class SiteState:
         layers: the expert layers running at this step (a :class:`~fusionkit.experts.block.Block`
             for transformer experts), for operators that re-run frozen attention.
         step: the graph step.
+        site: the site being run (an operator may act at several, see ``FusionOp.sites``).
     """
 
     x: dict[str, Tensor]
     layouts: dict[str, TokenLayout]
     layers: dict[str, nn.Module]
     step: int
+    site: str = "post_attn"
 
 
 class FusionOp(nn.Module):
     """Base class of fusion operators (one instance per step of the operator's layer range).
 
     Subclasses set ``site`` (their default site) and implement :meth:`forward`, returning the new
-    tokens of the experts they change (the others are left as they are). Two more class attributes
+    tokens of the experts they change (the others are left as they are). An operator that must act
+    at several sites of one step (LAVISH: beside the attention and beside the MLP) lists them in
+    ``sites`` instead and reads ``state.site``. Two more class attributes
     state what the swap test (every operator in one two-expert graph) may rely on:
 
     * ``zero_init``: the operator leaves the experts' tokens unchanged at initialisation;
@@ -61,6 +65,7 @@ class FusionOp(nn.Module):
     """
 
     site: str = "post_attn"
+    sites: tuple[str, ...] = ()
     zero_init: bool = False
     example: dict = {}
     example_recipe: dict = {}

@@ -1,0 +1,248 @@
+"""``lavish``: latent audio-visual hybrid adapters (LAVISH, paper 002 §3.2–3.3, official-code maths).
+
+LAVISH adapts one frozen image ViT (or Swin) shared by audio and video. Every layer gets four
+adapters, two per stream, each with its own parameters and latent tokens, added *in parallel* to
+the attention and to the MLP (paper eq. 4–5, layer norms omitted as in the paper)::
+
+    Y_v = X_v + MHA(X_v) + LAV(X_a → X_v)        Y_a = X_a + MHA(X_a) + LAV(X_v → X_a)
+    X_v' = Y_v + MLP(Y_v) + LAV(Y_a → Y_v)       X_a' = Y_a + MLP(Y_a) + LAV(Y_v → Y_a)
+
+One adapter ``LAV(S → T)`` (source tokens ``S`` ``(B, L_s, C)``, target ``T`` ``(B, L_t, C)``; the
+official ``VisualAdapter``, since the paper's eq. 8 swaps keys and values)::
+
+    L'  = L + softmax(L · Sᵀ) · S                 compression: m latents ``(m, C)`` attend to S
+    x   = T + g_av · softmax(T · L'ᵀ) · L'        fusion: T attends to the m compressed latents
+    out = g · LN_post(BN(Conv_up(ReLU(BN(Conv_down(LN_before(x)))))))
+
+single head, no projections, no ``1/√C`` scaling (both attentions go through
+:func:`fusionkit.attention.attention` with ``scale=1``); ``Conv_down`` / ``Conv_up`` are grouped 1×1
+convolutions ``C → C/r → C`` (``groups=2``, no bias), i.e. per-token block-diagonal linears.
+The batch norms normalise over every token of the batch (a ``BatchNorm2d`` over ``(B, C, L, 1)`` in
+the official code). AVISH (ablation, Table 4) drops the latents: ``x = T + g_av · softmax(T · Sᵀ) · S``.
+
+Windows: the attention runs within windows of the two layouts (:func:`fusionkit.attention.windowed`):
+``space`` (default whenever both experts have the same number of frames) pairs frame ``t`` of the
+target with frame ``t`` of the source, each with its own latents, which is how the official code
+treats the 1-second AVE segments (one image + one spectrogram each); ``global`` uses whole clips.
+
+Site ``replace_attn``. At step ``ℓ`` the operator
+
+1. computes the attention-parallel adapters from the pre-attention tokens ``X``,
+2. runs each joined expert's frozen attention step itself (``layer.attend``) and adds them → ``Y``,
+3. computes the MLP-parallel adapters from ``Y`` of both streams, keeps them while the graph runs
+   every expert's MLP step, and adds them at ``post_mlp``: ``X' = Y + MLP(Y) + LAV(Y_s → Y_e)``
+   (the operator acts at two sites, ``sites = ("replace_attn", "post_mlp")``).
+
+At init both gates are 0, so every adapter outputs exactly 0 and the graph computes what the
+experts compute alone. Parameters (``fusions.<name>.<step>.``)::
+
+    attn_adapters.<src>_to_<tgt>.latents (m, C)   fusion_gate (1,)   norm_before.*   down.weight (C/r, C/2, 1)
+    down_norm.* (BatchNorm C/r)   up.weight (C, C/(2r), 1)   up_norm.* (BatchNorm C)   norm_after.*   gate (1,)
+    mlp_adapters.<src>_to_<tgt>.… (the same)
+
+Adapters are sized by the width of the step (``dims``), so stage-wise backbones (Swin) get
+adapters of each stage's width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+from fusionkit.attention import TokenLayout, attention, windowed
+from fusionkit.fusion.base import FusionOp, SiteState
+from fusionkit.registry import FUSIONS
+
+LATENT_INITS = ("uniform", "zeros")
+WINDOWS = ("auto", "space", "global")
+
+
+def single_head_attention(q: Tensor, kv: Tensor) -> Tensor:
+    """``softmax(q · kvᵀ) · kv`` for ``q`` ``(B', S_q, C)`` and ``kv`` ``(B', S_k, C)``: one head, keys =
+    values = ``kv``, no projections, no scaling (LAVISH's cross-modal attention)."""
+    return attention(q[:, None], kv[:, None], kv[:, None], scale=1.0)[:, 0]
+
+
+def parse_direction(spec: str, experts: Sequence[str]) -> tuple[str, str]:
+    """``"audio->video"`` → ``("audio", "video")`` (source, target), both joined experts."""
+    src, sep, tgt = str(spec).partition("->")
+    src, tgt = src.strip(), tgt.strip()
+    if not sep or src not in experts or tgt not in experts:
+        raise ValueError(f"lavish: direction {spec!r} must read 'source->target' with joined experts "
+                         f"{list(experts)} (e.g. '{experts[-1]}->{experts[0]}')")
+    return src, tgt
+
+
+class LatentAdapter(nn.Module):
+    """One ``LAV(S → T)`` adapter of width ``C`` (see the module docstring); output 0 at init.
+
+    Args:
+        dim: token width ``C`` of source and target.
+        latents: ``m``, the number of latent tokens; 0 gives the AVISH variant (no latents).
+        reduction: ``r``, bottleneck width ``C / r`` (rounded up to a multiple of ``groups``).
+        groups: groups of the two 1×1 convolutions (2 in LAVISH).
+        latent_init: ``uniform`` (``U[0, 1)``, AVE) or ``zeros`` (AVQA).
+        norm_eps: epsilon of the two layer norms.
+    """
+
+    def __init__(self, dim: int, latents: int = 2, reduction: int = 8, groups: int = 2,
+                 latent_init: str = "uniform", norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        if latent_init not in LATENT_INITS:
+            raise ValueError(f"lavish: unknown latent_init {latent_init!r}; valid: {', '.join(LATENT_INITS)}")
+        if latents < 0 or reduction < 1 or groups < 1:
+            raise ValueError(f"lavish: latents must be >= 0, reduction and groups >= 1 "
+                             f"(got {latents}, {reduction}, {groups})")
+        if dim % groups:
+            raise ValueError(f"lavish: width {dim} is not divisible by groups={groups}")
+        hidden = -(-max(dim // reduction, 1) // groups) * groups
+        self.dim, self.hidden = dim, hidden
+        init = torch.rand if latent_init == "uniform" else torch.zeros
+        self.latents = nn.Parameter(init(latents, dim)) if latents > 0 else None
+        self.fusion_gate = nn.Parameter(torch.zeros(1))  # g_av of the official code
+        self.norm_before = nn.LayerNorm(dim, eps=norm_eps)
+        self.down = nn.Conv1d(dim, hidden, 1, groups=groups, bias=False)
+        self.down_norm = nn.BatchNorm1d(hidden)
+        self.act = nn.ReLU()
+        self.up = nn.Conv1d(hidden, dim, 1, groups=groups, bias=False)
+        self.up_norm = nn.BatchNorm1d(dim)
+        self.norm_after = nn.LayerNorm(dim, eps=norm_eps)
+        self.gate = nn.Parameter(torch.zeros(1))  # output gate
+
+    def exchange(self, target: Tensor, *, kv: Tensor, bias: Any = None) -> Tensor:
+        """Gated fusion term ``g_av · softmax(T · L'ᵀ) · L'`` of one window: ``(B', S_t, C)`` from target
+        ``(B', S_t, C)`` and source ``kv`` ``(B', S_s, C)`` (the ``windowed`` calling convention)."""
+        if bias is not None:
+            raise ValueError("lavish: windows of unequal lengths are not supported (use window: global or space "
+                             "over layouts whose frames all hold the same number of tokens)")
+        if self.latents is None:  # AVISH: the target attends to every source token
+            return self.fusion_gate * single_head_attention(target, kv)
+        lat = self.latents.to(kv.dtype).expand(kv.shape[0], -1, -1)
+        lat = lat + single_head_attention(lat, kv)  # compression L' (B', m, C)
+        return self.fusion_gate * single_head_attention(target, lat)
+
+    def bottleneck(self, x: Tensor) -> Tensor:
+        """``g · LN(BN(Conv(ReLU(BN(Conv(LN x))))))`` on tokens ``(B, L, C)``."""
+        h = self.norm_before(x).transpose(1, 2)  # (B, C, L): batch norms over all B·L tokens
+        h = self.up_norm(self.up(self.act(self.down_norm(self.down(h)))))
+        return self.gate * self.norm_after(h.transpose(1, 2))
+
+    def forward(self, source: Tensor, target: Tensor, source_layout: TokenLayout | None = None,
+                target_layout: TokenLayout | None = None, window: str = "global") -> Tensor:
+        """Adapter output ``(B, L_t, C)`` (to be added to the residual stream) for source ``(B, L_s, C)``
+        and target ``(B, L_t, C)``; without layouts each sample is one window."""
+        if source_layout is None or target_layout is None:
+            fused = self.exchange(target, kv=source)
+        else:
+            fused = windowed(self.exchange, target, target_layout, window, kv=source, kv_layout=source_layout)
+        return self.bottleneck(target + fused)
+
+    def extra_repr(self) -> str:
+        m = 0 if self.latents is None else self.latents.shape[0]
+        return f"dim={self.dim}, latents={m}{' (AVISH)' if m == 0 else ''}, hidden={self.hidden}"
+
+
+@FUSIONS.register("lavish")
+class LAVISH(FusionOp):
+    """LAVISH latent audio-visual adapters in parallel to attention and MLP (paper 002 eq. 4–9).
+
+    Args:
+        experts, dims, layouts, step, num_steps, drop_path: given by the graph.
+        directions: cross-modal directions ``"source->target"``; each gives its target two adapters
+            (attention- and MLP-parallel). Default: both directions between the two joined experts.
+            A2V only: ``[audio->video]``; a stream may adapt from itself (``audio->audio``) for the
+            ablations that keep a uni-modal adapter.
+        latents: ``m``, latent tokens per adapter (AVE 2, AVS/AVQA 16); 0 = AVISH.
+        avish: the AVISH variant (no latents: targets attend to all source tokens).
+        reduction: ``r``, bottleneck reduction (AVE 8, AVS/AVQA 4).
+        groups: groups of the 1×1 convolutions (2).
+        latent_init: ``uniform`` (AVE) or ``zeros`` (AVQA).
+        window: ``auto`` (``space`` when both experts have the same number of frames, else ``global``),
+            ``space`` (frame ``t`` with frame ``t``) or ``global`` (whole clips).
+        mlp: add the MLP-parallel adapters (the paper's design; ``false`` keeps only the attention ones).
+        norm_eps: epsilon of the adapters' layer norms.
+    """
+
+    sites = ("replace_attn", "post_mlp")  # adapters beside the attention, then beside the MLP
+    zero_init = True  # both gates start at 0: every adapter outputs exactly 0
+
+    def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
+                 step: int = 0, num_steps: int = 1, drop_path: float = 0.0,
+                 directions: Sequence[str] | None = None, latents: int = 2, avish: bool = False,
+                 reduction: int = 8, groups: int = 2, latent_init: str = "uniform", window: str = "auto",
+                 mlp: bool = True, norm_eps: float = 1e-5) -> None:
+        super().__init__(experts=experts)
+        if directions is None:
+            if len(experts) != 2:
+                raise ValueError(f"lavish: default directions need exactly two experts, got {list(experts)}; "
+                                 "give directions: ['a->b', 'b->a', ...]")
+            a, b = experts
+            directions = [f"{b}->{a}", f"{a}->{b}"]
+        if isinstance(directions, str):
+            directions = [directions]
+        pairs = [parse_direction(d, experts) for d in directions]
+        if not pairs:
+            raise ValueError("lavish: no directions given (e.g. directions: [audio->video, video->audio])")
+        if len(set(pairs)) != len(pairs):
+            raise ValueError(f"lavish: direction listed twice in {list(directions)}")
+        for src, tgt in pairs:
+            if dims[src] != dims[tgt]:
+                raise ValueError(f"lavish: direction {src}->{tgt} joins widths {dims[src]} and {dims[tgt]}; "
+                                 "the latent attention has no projections and needs equal widths")
+        if window not in WINDOWS:
+            raise ValueError(f"lavish: unknown window {window!r}; valid: {', '.join(WINDOWS)}")
+        self.pairs = pairs
+        self.windows = {(s, t): self._window(window, layouts[s], layouts[t]) for s, t in pairs}
+        m = 0 if avish else latents
+        options = dict(latents=m, reduction=reduction, groups=groups, latent_init=latent_init, norm_eps=norm_eps)
+        self.attn_adapters = nn.ModuleDict({f"{s}_to_{t}": LatentAdapter(dims[t], **options) for s, t in pairs})
+        self._pending: dict[str, Tensor] = {}  # MLP-parallel updates between the two sites of a step
+        self.mlp_adapters = nn.ModuleDict({f"{s}_to_{t}": LatentAdapter(dims[t], **options) for s, t in pairs}) \
+            if mlp else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    @staticmethod
+    def _window(window: str, source: TokenLayout, target: TokenLayout) -> str:
+        if window == "auto":
+            return "space" if source.t == target.t else "global"
+        if window == "space" and source.t != target.t:
+            raise ValueError(f"lavish: window 'space' pairs frames, but the layouts have {source.t} and {target.t} "
+                             "frames; use window: global")
+        return window
+
+    def _updates(self, adapters: nn.ModuleDict, x: Mapping[str, Tensor],
+                 layouts: Mapping[str, TokenLayout]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for s, t in self.pairs:
+            y = self.drop_path(adapters[f"{s}_to_{t}"](x[s], x[t], layouts[s], layouts[t], self.windows[(s, t)]))
+            out[t] = out[t] + y if t in out else y
+        return out
+
+    def forward(self, state: SiteState) -> dict[str, Tensor]:
+        """At ``replace_attn``: post-attention tokens ``Y_e`` ``(B, L_e, C)`` of every joined expert (eq. 4–5,
+        first lines); at ``post_mlp``: ``Y_e + MLP(Y_e)`` plus the MLP-parallel adapters (second lines)."""
+        if state.site == "post_mlp":
+            pending, self._pending = self._pending, {}
+            return {e: state.x[e] + update for e, update in pending.items()}
+        for e in self.experts:
+            if not hasattr(state.layers.get(e), "attend"):
+                raise ValueError(f"lavish at step {state.step}: expert {e!r} has no transformer layer with an "
+                                 "attention step here (e.g. a Swin patch merging); leave this step out of the "
+                                 "operator's layers")
+        x = {e: state.x[e] for e in self.experts}
+        extra = self._updates(self.attn_adapters, x, state.layouts)
+        y = {e: state.layers[e].attend(x[e], state.layouts[e]) for e in self.experts}
+        y = {e: y[e] + extra[e] if e in extra else y[e] for e in self.experts}
+        self._pending = self._updates(self.mlp_adapters, y, state.layouts) if self.mlp_adapters is not None else {}
+        return y
+
+    def extra_repr(self) -> str:
+        dirs = ", ".join(f"{s}->{t} ({self.windows[(s, t)]})" for s, t in self.pairs)
+        return f"directions=[{dirs}], mlp={self.mlp_adapters is not None}"
+
+
+__all__ = ["LAVISH", "LatentAdapter", "single_head_attention"]
