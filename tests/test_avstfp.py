@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 import fusionkit.attention.multihead as multihead
 import fusionkit.attention.multihead as multihead_module
-import fusionkit.fusion.avstfp as avstfp_module
 from fusionkit.attention import TokenLayout
 from fusionkit.describe import count_params
 from fusionkit.fusion.avstfp import AVSTFP
