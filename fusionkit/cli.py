@@ -5,8 +5,12 @@ Sub-commands:
     demo                                a short smoke run of experts, kernels and windows on synthetic media
     describe RECIPE [overrides] [--json] parameters, GFLOPs per view and the expert graph of a recipe
     convert NAME IN OUT                 official checkpoints to fusionkit state dicts (safetensors)
+    train RECIPE [key=value ...]        train from the recipe's data section (torchrun for several GPUs)
+    eval RECIPE --checkpoint C          evaluate a checkpoint (multi-view, per-head metrics)
+    predict RECIPE --video FILE         top-5 per head for one media file
 
-Commands that live with their feature (describe, convert) add themselves through ``add_command``.
+Commands that live with their feature (describe, convert, the engine's train / eval / predict) add
+themselves through ``add_command``.
 """
 
 from __future__ import annotations
@@ -59,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from fusionkit import converters, describe
+    from fusionkit.engine import commands
 
-    for module in (describe, converters):
+    for module in (describe, converters, commands):
         module.add_command(sub)
     return parser
 

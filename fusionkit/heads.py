@@ -372,7 +372,8 @@ def total_loss(heads: Mapping[str, Head], logits: Mapping[str, Tensor], targets:
     Args:
         heads: head name → head.
         logits: head name → logits ``(B, classes)`` of that head.
-        targets: head name → target of that head (see :meth:`Head.loss`).
+        targets: label name → target (see :meth:`Head.loss`); a head reads the label named by its
+            ``target`` attribute (the recipe's ``heads.<name>.target``), by default its own name.
         weights: optional head name → loss weight (default 1 for every head).
 
     Returns:
@@ -393,10 +394,11 @@ def total_loss(heads: Mapping[str, Head], logits: Mapping[str, Tensor], targets:
     for key, head in heads.items():
         if key not in logits:
             raise KeyError(f"total_loss: no logits for head {key!r}; logits given for {sorted(logits)}")
-        if key not in targets:
-            raise KeyError(f"total_loss: no target for head {key!r}; targets given for {sorted(targets)}")
+        target = getattr(head, "target", None) or key  # a head may train on another label (recipe key `target`)
+        if target not in targets:
+            raise KeyError(f"total_loss: no target {target!r} for head {key!r}; targets given for {sorted(targets)}")
         label = head.label if head.name else f"head {key!r} ({head.kind})"
-        loss = head._loss(logits[key], targets[key], label)
+        loss = head._loss(logits[key], targets[target], label)
         parts[key] = float(loss.detach())
         term = loss * weights[key] if key in weights else loss
         total = term if total is None else total + term

@@ -28,7 +28,9 @@ Every key is validated against the registered class it configures before anythin
 typo fails with one message naming the key and the closest valid keys.
 
 Graph-level keys inside a section (not passed to the registered class): experts take ``type``,
-``adapters`` and ``align``; operators ``type``, ``experts``, ``site`` and ``layers``; heads ``type``.
+``adapters`` and ``align``; operators ``type``, ``experts``, ``site`` and ``layers``; heads ``type`` and
+``target`` (the label the head trains on, by default its own name: two heads of a test-time
+ensemble both train on ``verb``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ SECTIONS = ("name", "description", "inputs", "experts", "fusion", "heads", "trai
 RANGE = re.compile(r"^-?\d*:-?\d*$")  # "9:12": YAML 1.1 would read an unquoted 9:12 as the base-60 int 552
 EXPERT_KEYS = ("type", "adapters", "align")
 OPERATOR_KEYS = ("type", "experts", "site", "layers")
-HEAD_KEYS = ("type",)
+HEAD_KEYS = ("type", "target")  # target: the label a head trains on (default: its name)
 GRAPH_GIVEN = ("experts", "dims", "layouts", "step", "num_steps", "drop_path")  # filled in by the graph
 ADAPTER_KEYS = ("attn", "mlp", "ratio", "mlp_scale", "layers")
 TRAINABLE_KEYS = ("unfreeze", "freeze")
@@ -241,6 +243,7 @@ def build_from_config(cfg: Mapping[str, Any]) -> FusionModel:
         cls = _section_class(path, spec, HEADS)
         options = _check_options(path, spec, cls, HEAD_KEYS, ("dims", "name"))
         heads[name] = _build(path, cls, dims={e: ex.feature_dim for e, ex in experts.items()}, name=name, **options)
+        heads[name].target = spec.get("target") or name
     model = _build("fusion", FusionModel, experts=experts, operators=operators, heads=heads, input_shapes=inputs,
                    align=align, drop_path=drop_path)
     trainable = dict(cfg.get("trainable") or {})

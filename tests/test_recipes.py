@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 
 import pytest
@@ -10,16 +11,18 @@ import torch
 import fusionkit
 from fusionkit.recipes import RECIPE_DIR, RecipeError, load_recipe
 
-RECIPES = sorted(p.stem for p in Path(RECIPE_DIR).glob("*.yaml"))
-
-# (total, trainable): the official CAST checkpoints exactly; CAVA / CA²ST as documented in docs/recipes.md
+# (total, trainable): the official CAST checkpoints exactly; CAVA / CA²ST as documented in docs/recipes.md.
+# The baselines' counts are pinned in test_baselines.py, LAVISH / AV-STFP / MM-ViT in their own tests, and
+# every recipe file builds in test_swap.py::test_describe_every_recipe.
 COUNTS = {
     "cast": (216_808_333, 44_784_781),
     "cast_k400": (217_402_384, 45_378_832),
     "cava": (215_807_660, 43_824_044),
     "ca2st": (346_797_932, 88_588_652),
     "cast_resnet": (127_580_877, 17_847_181),
+    "tiny": (84_585, 14_697),
 }
+RECIPES = sorted(COUNTS)
 
 
 def counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -32,8 +35,9 @@ def built(request):
     return request.param, fusionkit.build(request.param)
 
 
-def test_every_recipe_is_counted():
-    assert set(RECIPES) == set(COUNTS)
+def test_every_recipe_file_loads():
+    for path in sorted(Path(RECIPE_DIR).glob("*.yaml")):
+        assert load_recipe(path)["experts"], path
 
 
 def test_recipe_parameter_counts(built):
@@ -51,11 +55,12 @@ def test_cava_matches_paper_within_rounding():
     assert abs(trainable - 43.8e6) < 0.05e6 and abs(total - 216e6) < 0.5e6  # paper 000 Tables XII, XIV, XVIII
 
 
-def test_trainable_set_is_adapters_operators_heads_and_final_norms(built):
+def test_trainable_set_is_adapters_operators_heads_and_unfrozen_patterns(built):
     _, model = built
+    unfreeze = (model.recipe.get("trainable") or {}).get("unfreeze") or []
     for name, p in model.named_parameters():
         expected = (not name.startswith("experts.")) or "adapter" in name or \
-            any(f".{n}." in name for n in ("pool_norm", "final_norm"))
+            any(fnmatch.fnmatch(name, pattern) for pattern in unfreeze)
         assert p.requires_grad == expected, name
 
 

@@ -1,0 +1,138 @@
+"""``fusionkit train | eval | predict``: the engine's commands, added to the CLI by :func:`add_command`.
+
+    fusionkit train RECIPE [key=value ...] [--output-dir D] [--resume [CKPT]] [--no-progress]
+    fusionkit eval RECIPE --checkpoint C [key=value ...] [--split val] [--json]
+    fusionkit predict RECIPE --video FILE [--checkpoint C] [key=value ...] [--topk 5] [--json]
+
+Distributed: ``torchrun --nproc_per_node N -m fusionkit train RECIPE ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def _error(message: str) -> int:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return 2
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fusionkit.engine import distributed
+    from fusionkit.engine.trainer import NonFiniteLossError, train
+    from fusionkit.recipes import RecipeError
+
+    try:
+        result = train(args.recipe, args.overrides, args.output_dir, args.resume,
+                       progress=False if args.no_progress else None)
+    except NonFiniteLossError as err:
+        _error(str(err))
+        return 1
+    except (RecipeError, ValueError, FileNotFoundError) as err:
+        return _error(str(err))
+    finally:
+        distributed.cleanup()
+    return 0 if result.status in ("finished", "max_steps", "interrupted") else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fusionkit.engine import distributed
+    from fusionkit.engine.evaluate import run_eval
+    from fusionkit.recipes import RecipeError
+
+    try:
+        metrics = run_eval(args.recipe, args.checkpoint, args.overrides, args.split,
+                           progress=False if (args.no_progress or args.json) else None,
+                           console=_quiet_console() if args.json else None)
+    except (RecipeError, ValueError, FileNotFoundError) as err:
+        return _error(str(err))
+    finally:
+        distributed.cleanup()
+    if args.json and distributed.info().is_main:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fusionkit.engine.predict import DecodeError, render, run_predict
+    from fusionkit.recipes import RecipeError
+
+    try:
+        out = run_predict(args.recipe, args.video, args.checkpoint, args.overrides, args.topk)
+    except (RecipeError, ValueError, FileNotFoundError, DecodeError) as err:
+        return _error(str(err))
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    from rich.console import Console
+
+    Console().print(render(out["predictions"], f"{out['file']} ({out['checkpoint'] or 'no checkpoint: random heads'})"))
+    return 0
+
+
+def _quiet_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
+    """Add ``train``, ``eval`` and ``predict`` to an ``add_subparsers()`` object."""
+    parsers = []
+    p = subparsers.add_parser("train", help="train a recipe on its data section (torchrun for several GPUs)",
+                              description="Train the model of a recipe on its data.train set, validating on data.val. "
+                                          "Settings come from the recipe's train section; override any key "
+                                          "with key=value (e.g. train.epochs=10 train.batch_size=4).")
+    p.add_argument("recipe", help="recipe file or name in recipes/ (e.g. cast, tiny)")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.base_lr=5e-4 fusion.bca.ratio=0.25")
+    p.add_argument("--output-dir", default=None, help="run directory (default train.output_dir or runs/<name>)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from a checkpoint (no value: the latest one in the run directory)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a live progress bar")
+    p.set_defaults(func=cmd_train)
+    parsers.append(p)
+
+    p = subparsers.add_parser("eval", help="metrics of a checkpoint on the recipe's validation set(s)",
+                              description="Top-1/top-5 per head, mean class accuracy, action accuracy (and the "
+                                          "harmonic mean across several sets) of a checkpoint.")
+    p.add_argument("recipe", help="recipe file or name in recipes/")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides")
+    p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by fusionkit train")
+    p.add_argument("--split", default=None, help="data section to evaluate (val or test; default eval.split)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.set_defaults(func=cmd_eval)
+    parsers.append(p)
+
+    p = subparsers.add_parser("predict", help="top-5 classes per head for one clip",
+                              description="Decode one clip (or read a pre-decoded .safetensors clip) and print the "
+                                          "top classes of every head.")
+    p.add_argument("recipe", help="recipe file or name in recipes/")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides")
+    p.add_argument("--video", required=True, help="media file, or .safetensors with video/audio tensors")
+    p.add_argument("--checkpoint", default=None, help="a .safetensors checkpoint (default: untrained heads)")
+    p.add_argument("--topk", type=int, default=None, help="classes per head (default eval.topk = 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_predict)
+    parsers.append(p)
+    return parsers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one engine command without the rest of the CLI (``python -m fusionkit.engine.commands train ...``)."""
+    parser = argparse.ArgumentParser(prog="fusionkit")
+    add_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    import fusionkit  # noqa: F401 - registers the built-ins
+
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

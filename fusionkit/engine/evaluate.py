@@ -1,0 +1,173 @@
+"""Evaluation: metrics of a model over one or several data sets, synchronised over ranks.
+
+Each rank scores its shard (no padding, no shuffle); logits, targets and clip ids are gathered on
+every rank and scored by :class:`fusionkit.metrics.MetricTracker` (views of one clip averaged by
+``clip_id``): ``<head>/top1``, ``<head>/top5``, ``<head>/mca``, ``action/top1``, ``num_samples``.
+With several data sets each metric is reported per set (``<set>/<metric>``) and, for metrics every
+set has, as the harmonic mean across sets (``hmean/<metric>``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from fusionkit.engine import distributed
+from fusionkit.engine.loading import build_dataset, make_loader, to_device
+from fusionkit.fusion.late import ensemble
+from fusionkit.metrics import MetricTracker, harmonic_mean
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for ``bf16`` / ``fp16`` (CPU included), a null context for ``fp32``."""
+    dtype = DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str = "fp32",
+             action: Sequence[str] | None = ("verb", "noun"), ks: Sequence[int] = (1, 5),
+             on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Metrics of ``model`` over ``loader`` (every rank's shard gathered first); ``skipped`` counts
+    undecodable items. A recipe with ``eval.ensemble`` is scored on its ensemble groups
+    (:func:`fusionkit.fusion.late.ensemble`, each group named after the label it predicts)."""
+    was_training = model.training
+    model.eval()
+    net = distributed.unwrap(model)
+    heads = getattr(net, "heads", {})
+    groups = ((getattr(net, "recipe", None) or {}).get("eval") or {}).get("ensemble")  # test-time ensemble
+    logits_all: dict[str, list[torch.Tensor]] = {}
+    targets_all: dict[str, list[torch.Tensor]] = {}
+    ids: list[Any] = []
+    skipped = 0
+    for batch in loader:
+        skipped += len(batch.get("skipped") or [])
+        inputs, targets = to_device(batch, device)
+        if on_batch is not None:
+            on_batch(len(batch.get("clip_id") or []))
+        if not inputs or not targets or next(iter(inputs.values())).shape[0] == 0:
+            continue
+        with autocast(device, precision):
+            out = model(inputs)
+        if groups:
+            out = ensemble({h: x.float() for h, x in out.items()}, groups)
+        for h, x in out.items():
+            label = h if groups else getattr(heads.get(h), "target", None) or h
+            logits_all.setdefault(h, []).append(x.detach().float().cpu())
+            targets_all.setdefault(h, []).append(targets[label].cpu())
+        ids.extend(batch.get("clip_id") or [None] * next(iter(out.values())).shape[0])
+    model.train(was_training)
+    local = ({h: torch.cat(v) for h, v in logits_all.items()}, {h: torch.cat(v) for h, v in targets_all.items()}, ids,
+             skipped)
+    parts = distributed.gather_objects(local)
+    if groups:  # the tracked "heads" are the ensemble groups
+        heads = {g: SimpleNamespace(multilabel=isinstance(spec, Mapping) and spec.get("combine") == "sigmoid")
+                 for g, spec in groups.items()}
+    tracker = MetricTracker.for_heads(heads, ks=ks, action=tuple(action) if action else None)
+    with_ids = all(i is not None for p in parts for i in p[2])
+    for logits, targets, clip_ids, _ in parts:
+        if logits:
+            tracker.update(logits, targets, clip_ids=clip_ids if with_ids else None)
+    total_skipped = sum(p[3] for p in parts)
+    if not len(tracker):
+        return {"num_samples": 0.0, "skipped": float(total_skipped)}
+    out = tracker.compute()
+    out["skipped"] = float(total_skipped)
+    return out
+
+
+def combine(per_set: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Flatten ``{set: metrics}``: one set keeps its keys; several get ``<set>/<key>`` and ``hmean/<key>``."""
+    if len(per_set) == 1:
+        return dict(next(iter(per_set.values())))
+    out: dict[str, float] = {}
+    for name, metrics in per_set.items():
+        out.update({f"{name}/{k}": v for k, v in metrics.items()})
+    common = set.intersection(*(set(m) for m in per_set.values())) - {"num_samples", "skipped"}
+    for key in sorted(common):
+        values = [per_set[s][key] for s in per_set]
+        if all(v == v and v >= 0 for v in values):
+            out[f"hmean/{key}"] = harmonic_mean(values)
+    return out
+
+
+def eval_loaders(specs: Mapping[str, Mapping[str, Any]], batch_size: int, num_workers: int, seed: int = 0,
+                 split: str = "val") -> dict[str, Any]:
+    """One loader per named dataset spec, sharded over ranks without padding."""
+    loaders = {}
+    for name, spec in specs.items():
+        dataset = build_dataset(spec, f"data.{split}" if name == split else f"data.{split}.{name}")
+        sampler = distributed.ShardedSampler(len(dataset), shuffle=False, seed=seed, pad=False)
+        loaders[name] = make_loader(dataset, batch_size, sampler, num_workers, seed, drop_last=False)
+    return loaders
+
+
+def evaluate_sets(model: nn.Module, loaders: Mapping[str, Any], device: torch.device, precision: str = "fp32",
+                  action: Sequence[str] | None = ("verb", "noun"), ks: Sequence[int] = (1, 5),
+                  on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
+    """:func:`evaluate` on every loader, combined by :func:`combine`."""
+    return combine({name: evaluate(model, loader, device, precision, action, ks, on_batch)
+                    for name, loader in loaders.items()})
+
+
+def default_monitor(metrics: Mapping[str, float]) -> str | None:
+    """The metric that picks the best checkpoint: action top-1, else the first head's top-1."""
+    for key in ("hmean/action/top1", "action/top1"):
+        if key in metrics:
+            return key
+    tops = sorted(k for k in metrics if k.endswith("/top1"))
+    hmeans = [k for k in tops if k.startswith("hmean/")]
+    return (hmeans or tops or [None])[0]
+
+
+def model_for(recipe: Mapping[str, Any], checkpoint: str | None, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``recipe``'s model (with the checkpoint's build seed, so random frozen experts match) and load
+    ``checkpoint`` into it; returns the model (eval mode, on ``device``) and the checkpoint metadata."""
+    from fusionkit.engine.checkpoint import load_weights, read_meta
+    from fusionkit.recipes import build_from_config
+
+    meta = read_meta(checkpoint).get("fusionkit", {}) if checkpoint else {}
+    torch.manual_seed(int(meta.get("build_seed", (recipe.get("train") or {}).get("seed", 0))))
+    model = build_from_config(recipe)
+    if checkpoint:
+        load_weights(model, checkpoint)
+    return model.to(device).eval(), meta
+
+
+def run_eval(recipe: Any, checkpoint: str | None, overrides: Sequence[str] = (), split: str | None = None,
+             device: str = "auto", progress: bool | None = None, console: Any = None) -> dict[str, float]:
+    """``fusionkit eval``: metrics of a checkpoint on the recipe's ``data.<split>`` set(s)."""
+    from fusionkit.engine.config import dataset_specs, eval_config, train_config
+    from fusionkit.engine.progress import Reporter
+    from fusionkit.engine.trainer import pick_device
+    from fusionkit.recipes import load_recipe
+
+    cfg = load_recipe(recipe, list(overrides))
+    tcfg, ecfg = train_config(cfg), eval_config(cfg)
+    split = split or ecfg["split"]
+    specs = dataset_specs(cfg, split)
+    if not specs:
+        raise ValueError(f"recipe has no data.{split} section to evaluate on")
+    d = distributed.init(tcfg["distributed"]["backend"], tcfg["distributed"]["timeout_s"])
+    dev = pick_device(device if device != "auto" else tcfg["device"])
+    model, _ = model_for(cfg, checkpoint, dev)
+    loaders = eval_loaders(specs, int(ecfg["batch_size"]), int(ecfg["num_workers"]), int(tcfg["seed"]), split)
+    total = sum(len(loader) for loader in loaders.values())
+    reporter = Reporter(total, f"eval {cfg.get('name') or ''}".strip(), enabled=d.is_main, live=progress,
+                        console=console)
+    try:
+        metrics = evaluate_sets(model, loaders, dev, ecfg["precision"] or tcfg["precision"], tcfg["action"],
+                                tuple(ecfg["ks"]), on_batch=lambda n: reporter.update(1, clips=n))
+    finally:
+        reporter.close()
+    reporter.table(f"Evaluation: {checkpoint or '(no checkpoint)'} on data.{split}", metrics)
+    return metrics

@@ -1,0 +1,101 @@
+"""Datasets and loaders of the ``data`` section, and moving batches to a device.
+
+Datasets come from ``fusionkit.registry.DATASETS`` (``manifest`` from :mod:`fusionkit.data`,
+``synthetic`` for tests). Items are dicts (``video`` ``(3, T, H, W)``, ``audio`` ``(samples,)``,
+``labels`` ``{head: int64}``, ``clip_id``, ``path``); a collate stacks them and lists the items it
+could not decode in ``skipped``. The collate is the dataset's own ``collate`` attribute if it has
+one, else ``fusionkit.data.collate`` (the data package), else :func:`fusionkit.data.synthetic.collate`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from fusionkit.engine.config import check_dataset_spec
+
+
+def _data_helper(name: str) -> Callable[..., Any] | None:
+    """``fusionkit.data.<name>`` (a function, or the function of that name in a module of that name)."""
+    try:
+        data = importlib.import_module("fusionkit.data")
+    except ImportError:
+        return None
+    obj = getattr(data, name, None)
+    if obj is not None and not callable(obj):
+        obj = getattr(obj, name, None)
+    return obj if callable(obj) else None
+
+
+def build_dataset(spec: Mapping[str, Any], path: str = "data") -> Dataset:
+    """The registered dataset of ``spec`` (``{type: ..., **options}``)."""
+    cls = check_dataset_spec(path, spec)
+    options = {k: v for k, v in spec.items() if k != "type"}
+    try:
+        return cls(**options)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def collate_for(dataset: Dataset) -> Callable[[list[Any]], dict[str, Any]]:
+    own = getattr(dataset, "collate", None)
+    if callable(own):
+        return own
+    helper = _data_helper("collate")
+    if helper is not None:
+        return helper
+    from fusionkit.data.synthetic import collate
+
+    return collate
+
+
+def make_loader(dataset: Dataset, batch_size: int, sampler: Any, num_workers: int = 0, seed: int = 0,
+                drop_last: bool = False) -> DataLoader:
+    """A loader over ``sampler``'s indices (order and sharding are the sampler's, for exact resume).
+
+    Uses the data package's ``build_loader`` when it exists and the dataset has no collate of its
+    own; otherwise a plain ``DataLoader`` with a seeded generator (and the data package's
+    ``seed_worker`` if present).
+    """
+    build = _data_helper("build_loader")
+    if build is not None and not callable(getattr(dataset, "collate", None)):
+        try:
+            return build(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, seed=seed,
+                         sampler=sampler, drop_last=drop_last)
+        except TypeError:
+            pass  # another signature: fall back to a plain loader
+    generator = torch.Generator().manual_seed(int(seed))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_for(dataset), drop_last=drop_last, generator=generator,
+                      worker_init_fn=_data_helper("seed_worker"), persistent_workers=False,
+                      pin_memory=torch.cuda.is_available())
+
+
+def batch_targets(batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    """``{head: (B,) int64}`` from a collated batch (``labels`` as a dict of tensors or a list of dicts)."""
+    labels = batch.get("labels", {})
+    if isinstance(labels, Mapping):
+        return {h: torch.as_tensor(v) for h, v in labels.items()}
+    if not labels:
+        return {}
+    return {h: torch.stack([torch.as_tensor(item[h]) for item in labels]) for h in labels[0]}
+
+
+def batch_size_of(batch: Mapping[str, Any]) -> int:
+    for key in ("video", "audio"):
+        if isinstance(batch.get(key), Tensor):
+            return int(batch[key].shape[0])
+    return len(batch.get("clip_id") or [])
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(modality tensors, targets) of a batch on ``device``."""
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+              if isinstance(v, Tensor) and v.is_floating_point()}
+    targets = {h: t.to(device, non_blocking=True) for h, t in batch_targets(batch).items()}
+    return inputs, targets

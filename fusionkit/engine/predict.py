@@ -1,0 +1,106 @@
+"""``fusionkit predict RECIPE --video FILE [--checkpoint C] [--json]``: top-k classes per head for one clip.
+
+The clip is decoded by the data package (``fusionkit.data.load_inputs(path, recipe)``, the recipe's
+sampling and test transform) or read from a pre-decoded tensor file: ``.safetensors`` (or ``.pt``,
+loaded with ``weights_only=True``) holding ``video`` ``(3, T, H, W)`` and/or ``audio`` ``(samples,)``
+(a leading batch dimension of views is accepted; their probabilities are averaged).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MODALITIES = ("video", "audio")
+NDIM = {"video": 4, "audio": 1}
+
+
+class DecodeError(RuntimeError):
+    """The input file cannot be turned into model inputs."""
+
+
+def load_inputs(path: str | Path, recipe: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Model inputs ``{modality: (V, ...)}`` (``V`` views) for one clip file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DecodeError(f"--video: no such file {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw = load_file(str(path))
+    elif path.suffix in (".pt", ".pth"):
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(raw, Mapping):
+            raise DecodeError(f"{path}: expected a dict of tensors with 'video' and/or 'audio'")
+    else:
+        try:
+            data = importlib.import_module("fusionkit.data")
+        except ImportError as err:  # pragma: no cover - the package ships with fusionkit
+            raise DecodeError(f"cannot decode {path}: fusionkit.data is unavailable ({err})") from err
+        decode = getattr(data, "load_inputs", None)
+        if not callable(decode):
+            raise DecodeError(f"cannot decode {path}: decoding media files needs fusionkit.data.load_inputs (the data "
+                              "package's decoder); give a pre-decoded .safetensors clip with 'video' (3, T, H, W) "
+                              "and/or 'audio' (samples,) tensors instead")
+        raw = decode(path, recipe)
+    inputs = {}
+    for key in MODALITIES:
+        if key in raw:
+            x = torch.as_tensor(raw[key]).float()
+            inputs[key] = x.unsqueeze(0) if x.dim() == NDIM[key] else x
+    if not inputs:
+        raise DecodeError(f"{path}: no 'video' or 'audio' tensor (found {sorted(raw)})")
+    return inputs
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, inputs: Mapping[str, Tensor], topk: int = 5,
+            class_names: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Top-``topk`` classes per head: ``{head: [{"rank", "class", "name", "prob"}, ...]}`` (views averaged)."""
+    device = next(model.parameters()).device
+    model.eval()
+    logits = model({k: v.to(device) for k, v in inputs.items()})
+    out = {}
+    for head, x in logits.items():
+        multilabel = getattr(model.heads[head], "multilabel", False)
+        probs = (torch.sigmoid(x.float()) if multilabel else torch.softmax(x.float(), dim=-1)).mean(0).cpu()
+        values, indices = probs.topk(min(int(topk), probs.numel()))
+        names = (class_names or {}).get(head)
+        out[head] = [{"rank": r + 1, "class": int(i), "name": names[int(i)] if names else str(int(i)), "prob": float(v)}
+                     for r, (v, i) in enumerate(zip(values, indices))]
+    return out
+
+
+def render(predictions: Mapping[str, list[Mapping[str, Any]]], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col, justify in (("head", "left"), ("rank", "right"), ("class", "right"), ("name", "left"), ("prob", "right")):
+        table.add_column(col, justify=justify)
+    for head, rows in predictions.items():
+        for r in rows:
+            table.add_row(head if r["rank"] == 1 else "", str(r["rank"]), str(r["class"]), r["name"], f"{r['prob']:.4f}")
+        table.add_section()
+    return table
+
+
+def run_predict(recipe: Any, video: str | Path, checkpoint: str | None = None, overrides: Sequence[str] = (),
+                topk: int | None = None, device: str = "auto") -> dict[str, Any]:
+    """Load the recipe (and checkpoint), read the clip, return ``{"file", "checkpoint", "predictions"}``."""
+    from fusionkit.engine.config import eval_config, train_config
+    from fusionkit.engine.evaluate import model_for
+    from fusionkit.engine.trainer import pick_device
+    from fusionkit.recipes import load_recipe
+
+    cfg = load_recipe(recipe, list(overrides))
+    tcfg, ecfg = train_config(cfg), eval_config(cfg)
+    dev = pick_device(device if device != "auto" else tcfg["device"])
+    inputs = load_inputs(video, cfg)
+    model, _ = model_for(cfg, checkpoint, dev)
+    preds = predict(model, inputs, int(topk or ecfg["topk"]))
+    return {"file": str(video), "checkpoint": str(checkpoint) if checkpoint else None, "predictions": preds}
