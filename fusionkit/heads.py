@@ -396,7 +396,8 @@ def total_loss(heads: Mapping[str, Head], logits: Mapping[str, Tensor], targets:
             raise KeyError(f"total_loss: no logits for head {key!r}; logits given for {sorted(logits)}")
         target = getattr(head, "target", None) or key  # a head may train on another label (recipe key `target`)
         if target not in targets:
-            raise KeyError(f"total_loss: no target {target!r} for head {key!r}; targets given for {sorted(targets)}")
+            raise KeyError(f"total_loss: no target for head {key!r} (label {target!r}); targets given for "
+                           f"{sorted(targets)}")
         label = head.label if head.name else f"head {key!r} ({head.kind})"
         loss = head._loss(logits[key], targets[target], label)
         parts[key] = float(loss.detach())

@@ -61,7 +61,7 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str
         if groups:
             out = ensemble({h: x.float() for h, x in out.items()}, groups)
         for h, x in out.items():
-            label = h if groups else getattr(heads.get(h), "target", None) or h
+            label = h if groups or h not in heads else getattr(heads[h], "target", None) or h
             logits_all.setdefault(h, []).append(x.detach().float().cpu())
             targets_all.setdefault(h, []).append(targets[label].cpu())
         ids.extend(batch.get("clip_id") or [None] * next(iter(out.values())).shape[0])
