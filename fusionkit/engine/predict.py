@@ -8,7 +8,6 @@ loaded with ``weights_only=True``) holding ``video`` ``(3, T, H, W)`` and/or ``a
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fusionkit.data import load_inputs as decode_media
+from fusionkit.data.decode import DecodeError
+
 MODALITIES = ("video", "audio")
 NDIM = {"video": 4, "audio": 1}
-
-
-class DecodeError(RuntimeError):
-    """The input file cannot be turned into model inputs."""
 
 
 def load_inputs(path: str | Path, recipe: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -38,16 +36,7 @@ def load_inputs(path: str | Path, recipe: Mapping[str, Any]) -> dict[str, Tensor
         if not isinstance(raw, Mapping):
             raise DecodeError(f"{path}: expected a dict of tensors with 'video' and/or 'audio'")
     else:
-        try:
-            data = importlib.import_module("fusionkit.data")
-        except ImportError as err:  # pragma: no cover - the package ships with fusionkit
-            raise DecodeError(f"cannot decode {path}: fusionkit.data is unavailable ({err})") from err
-        decode = getattr(data, "load_inputs", None)
-        if not callable(decode):
-            raise DecodeError(f"cannot decode {path}: decoding media files needs fusionkit.data.load_inputs (the data "
-                              "package's decoder); give a pre-decoded .safetensors clip with 'video' (3, T, H, W) "
-                              "and/or 'audio' (samples,) tensors instead")
-        raw = decode(path, recipe)
+        raw = decode_media(path, recipe)  # PyAV, the recipe's test-time views
     inputs = {}
     for key in MODALITIES:
         if key in raw:
