@@ -10,4 +10,5 @@ def test_demo_runs_and_checks_zero_init_adapters():
     assert out.returncode == 0, out.stderr
     assert "expert output unchanged: True" in out.stdout
     assert "T2S (time window)" in out.stdout and "videomae_vit" in out.stdout
+    assert "Training summary" in out.stdout and "finished" in out.stdout
     assert "xformers" not in out.stderr.lower(), out.stderr
