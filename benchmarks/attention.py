@@ -16,9 +16,9 @@ import argparse
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from report import write_section
 
 from fusionkit.attention import attention, use_backend, xformers_available
 
@@ -68,18 +68,10 @@ def main() -> None:
                 print(f"{name:45s} {backend:9s} {rows[-1][2]:9s} {ms:9.2f} ms  x{base / ms:5.2f}")
     table = ["| shape | backend | dtype | ms (median) | speed-up vs eager fp32 |", "|---|---|---|---|---|"]
     table += [f"| {n} | {b} | {d} | {ms:.2f} | {r:.2f}× |" for n, b, d, ms, r in rows]
-    section = (f"## Attention kernels on {label}\n\nbatch {args.batch}, median of {args.reps} runs, torch "
-               f"{torch.__version__}; `python benchmarks/attention.py`\n\n" + "\n".join(table) + "\n")
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Benchmarks\n\nTimings are compared only within one run.\n\n"
     heading = f"## Attention kernels on {label}"
-    if heading in text:  # replace the section of this device
-        start = text.index(heading)
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    out.write_text(text)
+    section = (f"{heading}\n\nbatch {args.batch}, median of {args.reps} runs, torch "
+               f"{torch.__version__}; `python benchmarks/attention.py`\n\n" + "\n".join(table) + "\n")
+    out = write_section(args.out, heading, section)
     print(f"wrote {out}")
 
 

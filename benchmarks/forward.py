@@ -14,9 +14,9 @@ import contextlib
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from report import write_section
 
 import fusionkit
 from fusionkit.attention import use_backend, xformers_available
@@ -57,15 +57,7 @@ def main() -> None:
     table += [f"| {d} | {b} | {ms:.0f} | {r:.2f}× |" for d, b, ms, r in rows]
     section = (f"{heading}\n\nbatch {args.batch}, inputs {dict(model.input_shapes)}, median of {args.reps} runs "
                f"after one warm-up; `python benchmarks/forward.py {args.recipe}`\n\n" + "\n".join(table) + "\n")
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Benchmarks\n\nTimings are compared only within one run.\n\n"
-    if heading in text:
-        start = text.index(heading)
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    out.write_text(text)
+    out = write_section(args.out, heading, section)
     print(f"wrote {out}")
 
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from fusionkit.attention import TokenLayout
 from fusionkit.experts.base import Expert, FrameSelect, Tokens
+from fusionkit.experts.timm_cnn import Stage
 from fusionkit.experts.timm_vit import create_timm_model, frame_select
 from fusionkit.registry import EXPERTS
 
@@ -70,19 +71,15 @@ class SwinBlock(nn.Module):
         return f"dim={self.dim}, window={tuple(self.block.window_size)}, shift={tuple(self.block.shift_size)}"
 
 
-class SwinMerge(nn.Module):
+class SwinMerge(Stage):
     """timm's ``PatchMerging`` over tokens: ``(B, T·H·W, C)`` → ``(B, T·⌈H/2⌉·⌈W/2⌉, 2C)`` and the new layout."""
 
     def __init__(self, merge: nn.Module) -> None:
-        super().__init__()
-        self.merge = merge
-        self.dim = merge.out_dim
+        super().__init__(merge, merge.out_dim, channels_last=True)
 
-    def forward(self, x: Tensor, layout: TokenLayout) -> tuple[Tensor, TokenLayout]:
-        grid = rearrange(x, "b (t h w) c -> (b t) h w c", t=layout.t, h=layout.h, w=layout.w)
-        grid = self.merge(grid)
-        out = TokenLayout(layout.t, grid.shape[1], grid.shape[2])
-        return rearrange(grid, "(b t) h w c -> b (t h w) c", t=layout.t), out
+    @property
+    def merge(self) -> nn.Module:
+        return self.body
 
 
 @EXPERTS.register("timm_swin")

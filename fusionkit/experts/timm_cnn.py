@@ -14,18 +14,22 @@ from fusionkit.registry import EXPERTS
 
 
 class Stage(nn.Module):
-    """One CNN stage over tokens: ``(B, T·H·W, C)`` → feature maps → stage → ``(B, T·H'·W', C')``."""
+    """A module over a grid, applied to tokens: ``(B, T·H·W, C)`` → feature maps → ``body`` → ``(B, T·H'·W', C')``.
 
-    def __init__(self, body: nn.Module, dim: int) -> None:
+    CNN stages take channels-first maps ``(B·T, C, H, W)``; ``channels_last=True`` hands ``body``
+    ``(B·T, H, W, C)`` (timm's Swin patch merging). The new layout follows the output grid.
+    """
+
+    def __init__(self, body: nn.Module, dim: int, channels_last: bool = False) -> None:
         super().__init__()
         self.body = body
         self.dim = dim
+        self.pattern = "(b t) h w c" if channels_last else "(b t) c h w"
 
     def forward(self, x: Tensor, layout: TokenLayout) -> tuple[Tensor, TokenLayout]:
-        fmap = rearrange(x, "b (t h w) c -> (b t) c h w", t=layout.t, h=layout.h, w=layout.w)
-        fmap = self.body(fmap)
-        out = TokenLayout(layout.t, fmap.shape[2], fmap.shape[3])
-        return rearrange(fmap, "(b t) c h w -> b (t h w) c", t=layout.t), out
+        fmap = self.body(rearrange(x, f"b (t h w) c -> {self.pattern}", t=layout.t, h=layout.h, w=layout.w))
+        h, w = (fmap.shape[1], fmap.shape[2]) if self.pattern.endswith("c") else (fmap.shape[2], fmap.shape[3])
+        return rearrange(fmap, f"{self.pattern} -> b (t h w) c", t=layout.t), TokenLayout(layout.t, h, w)
 
 
 @EXPERTS.register("timm_cnn")
