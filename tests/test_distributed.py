@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     from safetensors.torch import save_file
     import fusionkit
+    from fusionkit.engine.distributed import full_state_dict
     from fusionkit.engine.trainer import Trainer
     from fusionkit.recipes import load_recipe
 
@@ -35,7 +36,8 @@ SCRIPT = textwrap.dedent("""
     trainer = Trainer(load_recipe("tiny", overrides), out, progress=False)
     result = trainer.fit()
     rank = dist.get_rank()
-    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    params = {n: v.clone() for n, v in full_state_dict(trainer.model).items() if n in trainable}
     save_file(params, f"{out}/rank{rank}.safetensors", metadata={"losses": repr(result.losses)})
     dist.barrier()
     dist.destroy_process_group()
@@ -49,12 +51,13 @@ def test_sampler_shards_make_the_global_batch():
         assert sorted(shards[0][i:i + 2] + shards[1][i:i + 2]) == sorted(one[2 * i:2 * i + 4])
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(tmp_path, fsdp):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(tmp_path / "ddp"), *COMMON, "train.batch_size=4"]
+           str(script), str(tmp_path / "ddp"), *COMMON, "train.batch_size=4", f"train.distributed.fsdp={fsdp}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group: a timeout kills the workers too
     try:

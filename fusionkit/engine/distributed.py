@@ -95,38 +95,48 @@ def broadcast_object(obj: Any) -> Any:
 
 
 def wrap(model: nn.Module, device: torch.device, fsdp: bool = False, find_unused_parameters: bool = False) -> nn.Module:
-    """DDP (or FSDP with ``fsdp``) around ``model`` when distributed; the model itself otherwise."""
+    """DDP around ``model`` when distributed (the model itself otherwise); with ``fsdp``, FSDP2
+    (``fully_shard``, CPU and CUDA) shards the model in place and returns it.
+
+    FSDP shards the parameters, gradients and optimizer state over the ranks between steps; the
+    forward gathers the whole model (the root is the only sharded unit, because the fusion graph
+    calls the experts' step methods and operators reach into the frozen layers).
+    """
     if not info().enabled:
         return model
-    ids = [device.index if device.index is not None else info().local_rank] if device.type == "cuda" else None
     if fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import fully_shard
 
-        if device.type != "cuda":
-            raise ValueError("train.distributed.fsdp needs CUDA devices (FSDP does not run on CPU); use DDP "
-                             "(fsdp=false) on CPU")
-
-        return FSDP(model, use_orig_params=True, device_id=ids[0] if ids else None, sync_module_states=True)
+        with torch.no_grad():  # every rank starts from rank 0's weights, as DDP guarantees
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
+        fully_shard(model)
+        return model
+    ids = [device.index if device.index is not None else info().local_rank] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user model inside DDP / FSDP."""
-    while isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "FullyShardedDataParallel":
+    """The user model inside DDP (FSDP2 shards the model in place)."""
+    while isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     return model
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The complete state dict of a (possibly FSDP-sharded) model, names as in the user model."""
-    if type(model).__name__ == "FullyShardedDataParallel":
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    """The complete state dict of a (possibly FSDP-sharded) model, on the CPU, names as in the user
+    model (a collective under FSDP: every rank must call it)."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
-            state = model.state_dict()
-        return {k.replace("_fsdp_wrapped_module.", ""): v for k, v in state.items()}
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # on every rank
+        return {k: v.cpu() for k, v in state.items()}
     return unwrap(model).state_dict()
 
 

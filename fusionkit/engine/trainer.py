@@ -160,7 +160,7 @@ class Trainer:
         if fsdp and self.resume is not None:
             raise ValueError("--resume with train.distributed.fsdp is not supported yet (the optimizer state is "
                              "sharded); resume with DDP or start from the weights")
-        if fsdp:  # FSDP replaces the parameters: wrap first, then build the optimizer over the flat views
+        if fsdp:  # FSDP replaces the parameters by sharded ones: wrap first, then build the optimizer over them
             net = distributed.wrap(model, self.device, True, cfg["distributed"]["find_unused_parameters"])
         optimizer = build_optimizer(model, cfg, d.world_size)
         lr = peak_lr(cfg, d.world_size)
