@@ -75,6 +75,7 @@ class FusionModel(nn.Module):
             self._check_align(e, list(steps))
             self.align[e] = list(steps)
         self.num_steps = max(max(s) + 1 for s in self.align.values() if s)
+        self._active_at = [self._active(step) for step in range(self.num_steps)]  # step -> {expert: layer}
         self.input_shapes = {k: tuple(v) for k, v in input_shapes.items()}
         dims, layouts = self._probe()
         rates = linear_rates(drop_path, self.num_steps)
@@ -105,7 +106,10 @@ class FusionModel(nn.Module):
 
     @torch.no_grad()
     def _probe(self) -> tuple[list[dict[str, int]], list[dict[str, TokenLayout]]]:
-        """Width and layout of every expert after every step, from one zero sample per modality."""
+        """Width and layout of every expert after every step, from one zero sample per modality
+        (in eval mode, so that no BatchNorm statistic moves)."""
+        modes = {e: expert.training for e, expert in self.experts.items()}
+        self.experts.eval()
         tokens = {}
         for e, expert in self.experts.items():
             if expert.modality not in self.input_shapes:
@@ -114,12 +118,14 @@ class FusionModel(nn.Module):
             tokens[e] = expert.embed(torch.zeros(1, *self.input_shapes[expert.modality]))
         dims, layouts = [], []
         for step in range(self.num_steps):
-            for e, i in self._active(step).items():
+            for e, i in self._active_at[step].items():
                 layer = self.experts[e].layers[i]
                 if not hasattr(layer, "attend"):  # a CNN stage changes the grid and the width
                     tokens[e] = Tokens(*layer(tokens[e].x, tokens[e].layout))
             dims.append({e: t.x.shape[-1] for e, t in tokens.items()})
             layouts.append({e: t.layout for e, t in tokens.items()})
+        for e, mode in modes.items():
+            self.experts[e].train(mode)
         return dims, layouts
 
     def _add_operator(self, spec: OperatorSpec, dims: list[dict[str, int]],
@@ -172,7 +178,7 @@ class FusionModel(nn.Module):
         layouts = {e: t.layout for e, t in tokens.items()}
         for step in range(self.num_steps):
             sites = self._schedule[step]
-            layers = {e: self.experts[e].layers[i] for e, i in self._active(step).items()}
+            layers = {e: self.experts[e].layers[i] for e, i in self._active_at[step].items()}
             handled = {e for op in sites["replace_attn"] for e in op.experts}
             self._run_site("replace_attn", sites["replace_attn"], x, layouts, layers, step)
             for e, layer in layers.items():

@@ -406,3 +406,16 @@ def test_fused_model_differs_from_identity_once_live():
         alone = identity.forward_tokens(batch)
     assert not torch.allclose(fused["spatial"].x, alone["spatial"].x)
     assert not torch.allclose(fused["temporal"].x, alone["temporal"].x)
+
+
+def test_building_the_graph_moves_no_batchnorm_statistic():
+    """The graph probes its experts with zeros to size the operators: in eval mode, statistics untouched."""
+    from fusionkit.experts import TimmCNN
+    from fusionkit.graph import FusionModel
+
+    cnn = TimmCNN("resnet18", frozen=False).train()
+    before = {k: v.clone() for k, v in cnn.state_dict().items() if "running" in k}
+    model = FusionModel({"cnn": cnn}, [], {}, input_shapes={"video": (3, 2, 32, 32)})
+    assert cnn.training and model.experts["cnn"] is cnn
+    after = {k: v for k, v in cnn.state_dict().items() if "running" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
