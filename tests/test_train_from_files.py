@@ -23,6 +23,7 @@ from fusionkit.engine.trainer import train
 from fusionkit.recipes import load_recipe
 
 CLASSES = 4  # verb classes of recipes/tiny.yaml; the noun head (5 classes) gets the same label
+VERBS = ["open", "close", "take", "put"]
 
 
 def clip(label: int, seed: int) -> np.ndarray:
@@ -43,6 +44,7 @@ def manifest(tmp_path_factory) -> Path:
         write_video(root / f"clip{i}.mp4", clip(label, i), fps=8, audio=audio, sample_rate=44100)
         rows.append({"path": f"clip{i}.mp4", "verb": label, "noun": label})
     write_corrupt(root / "broken.mp4", root / "clip0.mp4")
+    (root / "verbs.txt").write_text("\n".join(VERBS) + "\n")
     rows.append({"path": "broken.mp4", "verb": 0, "noun": 0})
     path = root / "train.csv"
     with path.open("w", newline="") as f:
@@ -56,7 +58,7 @@ def recipe_file(manifest: Path, folder: Path) -> str:
     """recipes/tiny.yaml with its synthetic data replaced by the manifest of real files."""
     recipe = load_recipe("tiny")
     data = {"type": "manifest", "path": str(manifest), "frames": 4, "sampling": "segment", "size": 32,
-            "flip": False, "random_resized_crop": False}
+            "flip": False, "random_resized_crop": False, "classes": {"verb": "verbs.txt"}}
     recipe["data"] = {"train": {**data, "train": True}, "val": data}
     recipe["train"].update(batch_size=8, epochs=4, eval_every=4, base_lr=2.0, warmup_epochs=0, log_every=1000)
     path = folder / "tiny_files.yaml"
@@ -82,4 +84,5 @@ def test_train_eval_predict_from_real_files(manifest, tmp_path, capsys):
     assert code == 0
     preds = json.loads(capsys.readouterr().out)["predictions"]
     assert len(preds["verb"]) == CLASSES and abs(sum(p["prob"] for p in preds["verb"]) - 1) < 1e-5
+    assert sorted(p["name"] for p in preds["verb"]) == sorted(VERBS)  # names from the manifest's class file
     assert engine_main(["predict", recipe, "--video", str(manifest.parent / "broken.mp4")]) != 0

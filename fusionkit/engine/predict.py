@@ -78,6 +78,26 @@ def render(predictions: Mapping[str, list[Mapping[str, Any]]], title: str) -> An
     return table
 
 
+def class_names_of(cfg: Mapping[str, Any], model: torch.nn.Module) -> dict[str, list[str]]:
+    """Class names per head from the recipe's manifest (test, else val, else train), following each
+    head's ``target`` label; a head without a fitting list (no readable manifest, or class names
+    inferred from labels that do not cover the head's classes) shows class indices."""
+    from fusionkit.data.manifest import Manifest, ManifestError
+
+    data = cfg.get("data") or {}
+    spec = next((data[s] for s in ("test", "val", "train")
+                 if isinstance(data.get(s), Mapping) and data[s].get("type") == "manifest"), None)
+    if spec is None:
+        return {}
+    try:
+        names = Manifest(spec["path"], root=spec.get("root"), heads=spec.get("heads"), classes=spec.get("classes")).names
+    except (OSError, ManifestError):
+        return {}
+    labels = {h: getattr(head, "target", None) or h for h, head in model.heads.items()}
+    return {h: names[label] for h, label in labels.items()  # a list that does not fit the head is not used
+            if label in names and len(names[label]) == model.heads[h].num_classes}
+
+
 def run_predict(recipe: Any, video: str | Path, checkpoint: str | None = None, overrides: Sequence[str] = (),
                 topk: int | None = None, device: str = "auto") -> dict[str, Any]:
     """Load the recipe (and checkpoint), read the clip, return ``{"file", "checkpoint", "predictions"}``."""
@@ -91,5 +111,5 @@ def run_predict(recipe: Any, video: str | Path, checkpoint: str | None = None, o
     dev = pick_device(device if device != "auto" else tcfg["device"])
     inputs = load_inputs(video, cfg)
     model, _ = model_for(cfg, checkpoint, dev)
-    preds = predict(model, inputs, int(topk or ecfg["topk"]))
+    preds = predict(model, inputs, int(topk or ecfg["topk"]), class_names_of(cfg, model))
     return {"file": str(video), "checkpoint": str(checkpoint) if checkpoint else None, "predictions": preds}
