@@ -21,7 +21,6 @@ from fusionkit.attention import TokenLayout, use_backend
 from fusionkit.fusion.base import SiteState
 from fusionkit.fusion.bca import BCA
 from fusionkit.fusion.time_embed import TimeIntervalMLP, token_intervals
-from fusionkit.recipes import RecipeError
 
 ATOL = 1e-5
 BATCH = 2
@@ -616,7 +615,7 @@ def test_param_count_variants(built, key, d, layers, positions, time_mlp):
 
 
 def test_param_count_full_modes(built):
-    D, d = 64, 64
+    D = 64
     pos = 2 * 4 * D + 2 * 9 * D
     full = bca_ops(built("full"))[0]
     assert numel(full) == 2 * 2 * D + 2 * (4 * D * D + 4 * D) + pos
