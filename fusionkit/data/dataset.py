@@ -20,7 +20,10 @@ Per item:
    evaluation; the whole span without ``seconds``. ``audio.frontend`` (a ``FRONTENDS`` entry, e.g.
    ``{type: kaldi_fbank, target_length: 1024}``) turns the waveform into features here; by default
    the model's expert runs its front-end on the batch.
-4. A file that cannot be decoded gives :class:`~fusionkit.data.collate.Skipped` (path, reason),
+4. **motion** (optional): the H.264 / MPEG-4 motion vectors of the same frames, rasterised to
+   float32 ``(2, T, size, size)`` (``dx, dy`` in output pixels, see :mod:`fusionkit.data.motion`)
+   and cropped / resized / flipped with the video's draw; no colour ops, no normalisation.
+5. A file that cannot be decoded gives :class:`~fusionkit.data.collate.Skipped` (path, reason),
    logged as a warning; :func:`~fusionkit.data.collate.collate` drops it and lists it.
 
 Randomness: each item draws everything from one item seed. With ``seed=None`` that seed comes from
@@ -42,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fusionkit.data import decode, sampling
+from fusionkit.data import decode, motion, sampling
 from fusionkit.data.collate import Skipped
 from fusionkit.data.manifest import Manifest
 from fusionkit.data.transforms import TrainTransform, norm_constants, normalize, to_video, view_crop
@@ -50,7 +53,7 @@ from fusionkit.registry import DATASETS
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("video", "audio")
+MODALITIES = ("video", "audio", "motion")
 MISSING = ("silence", "error", "skip")
 AUDIO_KEYS = ("sample_rate", "seconds", "missing", "frontend")
 VIEW_KEYS = ("clips", "crops")
@@ -77,7 +80,7 @@ class ManifestDataset(Dataset):
         root: folder relative media paths start from (default: the manifest's folder).
         heads: head → label column (default: every column but path / start / end / id / audio_path).
         classes: head → class-name file (one name per line; relative to the manifest's folder).
-        modalities: any of ``video``, ``audio``.
+        modalities: any of ``video``, ``audio``, ``motion`` (motion vectors of the video's frames).
         frames: frames per clip; sampling: ``dense`` or ``segment``; stride: frame step (dense).
         size: output side of the square crops; short_side: test-time resize (default ``size``).
         train: training mode (random sampling and augmentation, one view per row).
@@ -205,7 +208,7 @@ class ManifestDataset(Dataset):
         out: dict[str, Any] = {}
         start = item.start or 0.0
         window = None  # (t0, t1) seconds the clip covers, relative to the media's origin
-        if "video" in self.modalities:
+        if "video" in self.modalities or "motion" in self.modalities:
             if not info.has_video:
                 raise decode.DecodeError(f"{item.path} has no video stream")
             fps = info.fps
@@ -217,14 +220,35 @@ class ManifestDataset(Dataset):
             position = None if self.train else sampling.clip_positions(self.sampling, self.clips)[clip]
             idx = sampling.sample_indices(self.sampling, stop - first, self.frames, self.stride, position, rng)
             numbers = [first + i for i in idx]
-            video = to_video(decode.read_frames(item.path, numbers, info))
+            video = to_video(decode.read_frames(item.path, numbers, info)) if "video" in self.modalities else None
+            field = None
+            if "motion" in self.modalities:
+                field = torch.from_numpy(motion.decode_motion(item.path, numbers, info))
+                if video is None:  # motion alone: a stand-in of the video's size for the shared draw
+                    video = torch.zeros(len(numbers), 3, *field.shape[-2:], dtype=torch.uint8)
             if self.train:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(rng.randrange(2**62))
-                    video = self.augment(video)
+                    if field is None:
+                        video = self.augment(video)
+                    else:
+                        paired: dict[str, torch.Tensor] = {}
+
+                        def joint(f: torch.Tensor) -> torch.Tensor:
+                            paired["video"], f = self.augment.paired(video, f)
+                            return f
+
+                        field = motion.geometric(field, joint)
+                        video = paired["video"]
             else:
-                video = view_crop(video, self.size, sampling.crop_positions(self.crops)[crop], self.short_side)
-            out["video"] = normalize(video, self.mean, self.std)
+                crop_at = sampling.crop_positions(self.crops)[crop]
+                video = view_crop(video, self.size, crop_at, self.short_side)
+                if field is not None:
+                    field = motion.geometric(field, lambda f: view_crop(f, self.size, crop_at, self.short_side))
+            if "video" in self.modalities:
+                out["video"] = normalize(video, self.mean, self.std)
+            if field is not None:
+                out["motion"] = field
             out["frame_index"] = torch.tensor(numbers, dtype=torch.long)
             window = (min(numbers) / fps, (max(numbers) + 1) / fps)
         missing = False

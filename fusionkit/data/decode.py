@@ -21,9 +21,10 @@ Failures (unreadable, corrupt, truncated, no video stream, empty span) raise
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,17 +108,21 @@ def _probe(container, path: str) -> MediaInfo:
                      audio is not None and rate > 0, rate, channels, origin)
 
 
-def read_frames(path: str | Path, numbers: Sequence[int], info: MediaInfo | None = None) -> np.ndarray:
+def read_frames(path: str | Path, numbers: Sequence[int], info: MediaInfo | None = None,
+                convert: Callable[[Any], np.ndarray] | None = None,
+                codec_options: Mapping[str, str] | None = None) -> np.ndarray:
     """Frames ``numbers`` (frame ``k`` shown at ``k / fps``) as RGB uint8 ``(len(numbers), H, W, 3)``.
 
     Numbers past the last decodable frame repeat the last one decoded (a header that over-counts by
     up to ``max(2, 2 %)`` frames); :class:`DecodeError` when the stream is corrupt, ends earlier than
-    that (truncated) or gives no frame at all.
+    that (truncated) or gives no frame at all. ``convert(frame) -> array`` replaces the RGB conversion
+    and ``codec_options`` are set on the decoder first (the motion-vector modality uses both).
     """
     import av
 
     if len(numbers) == 0:
         raise ValueError("read_frames: no frame numbers")
+    convert_frame = convert or _rgb
     wanted = sorted(set(int(n) for n in numbers))
     try:
         with _open(path) as container:
@@ -125,6 +130,8 @@ def read_frames(path: str | Path, numbers: Sequence[int], info: MediaInfo | None
             if not container.streams.video:
                 raise DecodeError(f"{path} has no video stream")
             stream = container.streams.video[0]
+            if codec_options:
+                stream.codec_context.options = dict(codec_options)
             tb = stream.time_base
             fps = info.fps
             start = _seconds(stream.start_time, tb) or 0.0
@@ -141,10 +148,10 @@ def read_frames(path: str | Path, numbers: Sequence[int], info: MediaInfo | None
                 t = frame.time
                 n = int(round((t - start) * fps)) if t is not None else counter
                 while p < len(wanted) and wanted[p] < n:  # a gap: repeat the frame before it
-                    got[wanted[p]] = _rgb(prev if prev is not None else frame)
+                    got[wanted[p]] = convert_frame(prev if prev is not None else frame)
                     p += 1
                 if p < len(wanted) and wanted[p] == n:
-                    got[wanted[p]] = _rgb(frame)
+                    got[wanted[p]] = convert_frame(frame)
                     p += 1
                 prev = frame
                 if p == len(wanted):
@@ -159,7 +166,7 @@ def read_frames(path: str | Path, numbers: Sequence[int], info: MediaInfo | None
                                       f"{last_n} of the {info.num_frames} its header announces")
             last = None
             while p < len(wanted):
-                last = last if last is not None else _rgb(prev)
+                last = last if last is not None else convert_frame(prev)
                 got[wanted[p]] = last
                 p += 1
     except DecodeError:

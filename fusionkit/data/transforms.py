@@ -129,12 +129,26 @@ class TrainTransform:
                 raise ValueError(f"randaugment takes keys n and m, got {sorted(unknown)}")
             ops.append(T.RandAugment(num_ops=int(randaugment.get("n", 2)), magnitude=int(randaugment.get("m", 9))))
         self.transform = T.Compose(ops)
+        n_geo = (1 if scale is not None else 2) + int(bool(flip))
+        self.geometric = T.Compose(ops[:n_geo])  # crop / resize / flip: also applied to a motion field
+        self.photometric = T.Compose(ops[n_geo:]) if ops[n_geo:] else None  # colour jitter, RandAugment: video only
 
     def __call__(self, video: Tensor) -> Tensor:
         from torchvision import tv_tensors
 
         out = self.transform(tv_tensors.Video(video))
         return out.as_subclass(Tensor)
+
+    def paired(self, video: Tensor, field: Tensor) -> tuple[Tensor, Tensor]:
+        """``video`` (uint8 ``(T, 3, H, W)``) as :meth:`__call__`, and float ``field`` ``(T', C, H, W)``
+        through the same crop / resize / flip (the same draw) but not the colour ops (RandAugment's
+        rotate / shear / translate too move the video alone)."""
+        from torchvision import tv_tensors
+
+        v, f = self.geometric(tv_tensors.Video(video), tv_tensors.Video(field))
+        if self.photometric is not None:
+            v = self.photometric(v)
+        return v.as_subclass(Tensor), f.as_subclass(Tensor)
 
     def __repr__(self) -> str:
         return f"TrainTransform({self.transform})"
