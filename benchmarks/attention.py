@@ -13,12 +13,11 @@ table into the markdown file under a heading for the device.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
-from report import write_section
+from report import device_label, markdown_table, write_section
 
 from fusionkit.attention import attention, use_backend, xformers_available
 
@@ -53,8 +52,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
     backends = ["eager", "sdpa"] + (["xformers"] if xformers_available(device, torch.float16) else [])
-    label = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    label = device_label(device)
     rows = []
     for name, (groups, tokens, heads, dim) in SHAPES.items():
         base = None
@@ -66,11 +64,11 @@ def main() -> None:
                 base = base or ms
                 rows.append((name, backend, str(dtype).removeprefix("torch."), ms, base / ms))
                 print(f"{name:45s} {backend:9s} {rows[-1][2]:9s} {ms:9.2f} ms  x{base / ms:5.2f}")
-    table = ["| shape | backend | dtype | ms (median) | speed-up vs eager fp32 |", "|---|---|---|---|---|"]
-    table += [f"| {n} | {b} | {d} | {ms:.2f} | {r:.2f}× |" for n, b, d, ms, r in rows]
+    table = markdown_table(["shape", "backend", "dtype", "ms (median)", "speed-up vs eager fp32"],
+                           [[n, b, d, f"{ms:.2f}", f"{r:.2f}×"] for n, b, d, ms, r in rows])
     heading = f"## Attention kernels on {label}"
     section = (f"{heading}\n\nbatch {args.batch}, median of {args.reps} runs, torch "
-               f"{torch.__version__}; `python benchmarks/attention.py`\n\n" + "\n".join(table) + "\n")
+               f"{torch.__version__}; `python benchmarks/attention.py`\n\n" + table + "\n")
     out = write_section(args.out, heading, section)
     print(f"wrote {out}")
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import time
 
 import torch
-from report import write_section
+from report import device_label, markdown_table, write_section
 
 import fusionkit
 from fusionkit.attention import use_backend, xformers_available
@@ -50,13 +49,12 @@ def main() -> None:
             base = base or ms
             rows.append((dtype, backend, ms, base / ms))
             print(f"{args.recipe} {dtype:5s} {backend:9s} {ms:9.1f} ms  x{base / ms:5.2f}")
-    label = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    label = device_label(device)
     heading = f"## {args.recipe} forward on {label}"
-    table = ["| precision | attention | ms per batch (median) | speed-up vs fp32 sdpa |", "|---|---|---|---|"]
-    table += [f"| {d} | {b} | {ms:.0f} | {r:.2f}× |" for d, b, ms, r in rows]
+    table = markdown_table(["precision", "attention", "ms per batch (median)", "speed-up vs fp32 sdpa"],
+                           [[d, b, f"{ms:.0f}", f"{r:.2f}×"] for d, b, ms, r in rows])
     section = (f"{heading}\n\nbatch {args.batch}, inputs {dict(model.input_shapes)}, median of {args.reps} runs "
-               f"after one warm-up; `python benchmarks/forward.py {args.recipe}`\n\n" + "\n".join(table) + "\n")
+               f"after one warm-up; `python benchmarks/forward.py {args.recipe}`\n\n" + table + "\n")
     out = write_section(args.out, heading, section)
     print(f"wrote {out}")
 

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
+
+import torch
 
 HEADER = ("# Benchmarks\n\nTimings are compared only within one run (ratios in the last column); the scripts in\n"
           "`benchmarks/` run outside the test suite and rewrite their own section of this file.\n")
+
+
+def device_label(device: torch.device) -> str:
+    """The GPU's name, or the CPU architecture and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(r) + " |" for r in rows)])
 
 
 def write_section(out: str | Path, heading: str, section: str) -> Path:

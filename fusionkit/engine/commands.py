@@ -82,15 +82,21 @@ def _quiet_console() -> Any:
     return Console(stderr=True)
 
 
+def _recipe_parser(subparsers: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A sub-command taking ``RECIPE [overrides ...]``, as every engine command does."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    p.add_argument("recipe", help="recipe file or name in recipes/ (e.g. cast, tiny)")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.base_lr=5e-4 fusion.bca.ratio=0.25")
+    return p
+
+
 def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
     """Add ``train``, ``eval`` and ``predict`` to an ``add_subparsers()`` object."""
     parsers = []
-    p = subparsers.add_parser("train", help="train a recipe on its data section (torchrun for several GPUs)",
-                              description="Train the model of a recipe on its data.train set, validating on data.val. "
-                                          "Settings come from the recipe's train section; override any key "
-                                          "with key=value (e.g. train.epochs=10 train.batch_size=4).")
-    p.add_argument("recipe", help="recipe file or name in recipes/ (e.g. cast, tiny)")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.base_lr=5e-4 fusion.bca.ratio=0.25")
+    p = _recipe_parser(subparsers, "train", "train a recipe on its data section (torchrun for several GPUs)",
+                       "Train the model of a recipe on its data.train set, validating on data.val. Settings come "
+                       "from the recipe's train section; override any key with key=value (e.g. train.epochs=10 "
+                       "train.batch_size=4).")
     p.add_argument("--output-dir", default=None, help="run directory (default train.output_dir or runs/<name>)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint (no value: the latest one in the run directory)")
@@ -98,11 +104,9 @@ def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
     p.set_defaults(func=cmd_train)
     parsers.append(p)
 
-    p = subparsers.add_parser("eval", help="metrics of a checkpoint on the recipe's validation set(s)",
-                              description="Top-1/top-5 per head, mean class accuracy, action accuracy (and the "
-                                          "harmonic mean across several sets) of a checkpoint.")
-    p.add_argument("recipe", help="recipe file or name in recipes/")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides")
+    p = _recipe_parser(subparsers, "eval", "metrics of a checkpoint on the recipe's validation set(s)",
+                       "Top-1/top-5 per head, mean class accuracy, action accuracy (and the harmonic mean across "
+                       "several sets) of a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by fusionkit train")
     p.add_argument("--split", default=None, help="data section to evaluate (val or test; default eval.split)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -110,11 +114,9 @@ def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
     p.set_defaults(func=cmd_eval)
     parsers.append(p)
 
-    p = subparsers.add_parser("predict", help="top-5 classes per head for one clip",
-                              description="Decode one clip (or read a pre-decoded .safetensors clip) and print the "
-                                          "top classes of every head.")
-    p.add_argument("recipe", help="recipe file or name in recipes/")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides")
+    p = _recipe_parser(subparsers, "predict", "top-5 classes per head for one clip",
+                       "Decode one clip (or read a pre-decoded .safetensors clip) and print the top classes of "
+                       "every head.")
     p.add_argument("--video", required=True, help="media file, or .safetensors with video/audio tensors")
     p.add_argument("--checkpoint", default=None, help="a .safetensors checkpoint (default: untrained heads)")
     p.add_argument("--topk", type=int, default=None, help="classes per head (default eval.topk = 5)")
