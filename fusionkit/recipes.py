@@ -28,7 +28,8 @@ Every key is validated against the registered class it configures before anythin
 typo fails with one message naming the key and the closest valid keys.
 
 Graph-level keys inside a section (not passed to the registered class): experts take ``type``,
-``adapters`` and ``align``; operators ``type``, ``experts``, ``site`` and ``layers``; heads ``type`` and
+``adapters``, ``align`` and ``weights`` (a file holding the built expert's own ``state_dict``, loaded
+strictly before adapters are attached: how a pre-trained expert of an earlier run is reused); operators ``type``, ``experts``, ``site`` and ``layers``; heads ``type`` and
 ``target`` (the label the head trains on, by default its own name: two heads of a test-time
 ensemble both train on ``verb``).
 """
@@ -46,6 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fusionkit.adapters import attach_adapters
+from fusionkit.experts.pretrained import load_into, read_state_dict
 from fusionkit.graph import FusionModel, OperatorSpec, linear_rates
 from fusionkit.registry import EXPERTS, FUSIONS, HEADS, Registry, closest
 from fusionkit.trainable import TrainablePolicy
@@ -54,7 +56,7 @@ RECIPE_DIR = Path(os.environ.get("FUSIONKIT_RECIPES", Path(__file__).resolve().p
 SECTIONS = ("name", "description", "inputs", "experts", "fusion", "heads", "trainable", "drop_path",
             "data", "train", "eval")  # data / train / eval configure the engine (fusionkit.engine)
 RANGE = re.compile(r"^-?\d*:-?\d*$")  # "9:12": YAML 1.1 would read an unquoted 9:12 as the base-60 int 552
-EXPERT_KEYS = ("type", "adapters", "align")
+EXPERT_KEYS = ("type", "adapters", "align", "weights")
 OPERATOR_KEYS = ("type", "experts", "site", "layers")
 HEAD_KEYS = ("type", "target")  # target: the label a head trains on (default: its name)
 GRAPH_GIVEN = ("experts", "dims", "layouts", "step", "num_steps", "drop_path")  # filled in by the graph
@@ -208,6 +210,8 @@ def build_from_config(cfg: Mapping[str, Any]) -> FusionModel:
                                   f"defined so far: {list(experts)}")
             options[key] = experts[options[key]]
         experts[name] = _build(path, cls, **options)
+        if spec.get("weights") is not None:  # the expert's own state dict, e.g. from an earlier pre-training run
+            load_into(experts[name], read_state_dict(spec["weights"]), f"{path}.weights ({spec['weights']})")
         if spec.get("align") is not None:
             align[name] = list(spec["align"])
             if len(align[name]) != experts[name].depth:
