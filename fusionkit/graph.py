@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fusionkit import feature_cache as fc
 from fusionkit.attention import TokenLayout
 from fusionkit.experts.base import Expert, Tokens
 from fusionkit.fusion.base import SITES, FusionOp, SiteState
@@ -85,6 +86,8 @@ class FusionModel(nn.Module):
         for spec in operators:
             self._add_operator(spec, dims, layouts, rates)
         self.heads = nn.ModuleDict(dict(heads))
+        self._cache_plans: dict[tuple[bool, ...], dict[str, tuple[int, str]]] = {}
+        self.register_load_state_dict_post_hook(lambda module, keys: module._cache_plans.clear())
         for name, head in self.heads.items():
             missing = [e for e in getattr(head, "inputs", {}) if e not in self.experts]
             if missing:
@@ -171,14 +174,91 @@ class FusionModel(nn.Module):
         for op in ops:
             x.update(op(SiteState(x, layouts, layers, step, site)))
 
+    # frozen-feature cache (fusionkit.feature_cache) ----------------------------------------------
+
+    def cacheable_steps(self) -> dict[str, int]:
+        """Per expert: how many leading steps compute its tokens from its own input with fixed
+        weights (no operator joins it there, no trainable or stochastic module in its embedding
+        or those layers): the steps a frozen-feature cache may skip."""
+        joined: dict[str, int] = {}
+        for step in range(self.num_steps):
+            for ops in self._schedule[step].values():
+                for e in (e for op in ops for e in op.experts):
+                    joined.setdefault(e, step)
+        out = {}
+        for e, expert in self.experts.items():
+            layers = list(expert.layers)
+            after = [getattr(expert, n, None) for n in ("final_norm", "pool_norm")]
+            skip = {id(m) for m in [*layers, *after] if isinstance(m, nn.Module)}
+            steps = 0
+            if fc.is_fixed(fc.borrowed(expert), skip):
+                for step in range(joined.get(e, self.num_steps)):
+                    i = self._active_at[step].get(e)
+                    if i is not None and not fc.is_fixed([layers[i]]):
+                        break
+                    steps = step + 1
+            out[e] = steps
+        return out
+
+    def _cache_plan(self) -> dict[str, tuple[int, str]]:
+        """``{expert: (cacheable steps, fingerprint)}``, recomputed when the trainable set or mode changes."""
+        key = (self.training, *(p.requires_grad for p in self.parameters()))
+        if key not in self._cache_plans:
+            steps = self.cacheable_steps()
+            self._cache_plans[key] = {e: (n, fc.fingerprint(self.experts[e]) if n else "") for e, n in steps.items()}
+        return self._cache_plans[key]
+
+    def _run_alone(self, e: str, tokens: Tokens, steps: int) -> Tokens:
+        """Expert ``e``'s layers of the first ``steps`` steps, without operators."""
+        x, layout = tokens.x, tokens.layout
+        for step in range(steps):
+            i = self._active_at[step].get(e)
+            if i is None:
+                continue
+            layer = self.experts[e].layers[i]
+            if hasattr(layer, "attend"):
+                x = layer.feed_forward(layer.attend(x, layout))
+            else:
+                x, layout = layer(x, layout)
+        return Tokens(x, layout)
+
+    def start(self, batch: Mapping[str, Tensor]) -> tuple[dict[str, Tokens], dict[str, int]]:
+        """Every expert's tokens at the step it starts from: embedded (step 0), or, inside
+        ``fusionkit.feature_cache.enabled``, after its cacheable steps, from the cache or computed
+        alone and stored. Returns (tokens, first step to run per expert)."""
+        cache = fc.active()
+        if cache is None:
+            return self.embed(batch), {e: 0 for e in self.experts}
+        tokens, begin = {}, {}
+        for e, (steps, owner) in self._cache_plan().items():
+            expert = self.experts[e]
+            if expert.modality not in batch:
+                raise KeyError(f"expert {e!r} needs batch[{expert.modality!r}]; the batch has {sorted(batch)}")
+            inputs = batch[expert.modality]
+            begin[e] = steps
+            if not steps:
+                tokens[e] = expert.embed(inputs)
+                continue
+            kind = inputs.device.type
+            precision = f":{torch.is_autocast_enabled(kind)}:{torch.get_autocast_dtype(kind)}"
+            keys = fc.digests(inputs)
+            hit = cache.get(owner + precision, steps, keys)
+            if hit is not None:
+                tokens[e] = Tokens(hit[0].to(inputs.device), hit[1])
+                continue
+            with torch.no_grad():
+                tokens[e] = self._run_alone(e, expert.embed(inputs), steps)
+            cache.put(owner + precision, steps, keys, tokens[e].x, tokens[e].layout)
+        return tokens, begin
+
     def forward_tokens(self, batch: Mapping[str, Tensor]) -> dict[str, Tokens]:
         """Final tokens of every expert (after ``final_norm``) with all operators applied."""
-        tokens = self.embed(batch)
+        tokens, begin = self.start(batch)
         x = {e: t.x for e, t in tokens.items()}
         layouts = {e: t.layout for e, t in tokens.items()}
         for step in range(self.num_steps):
             sites = self._schedule[step]
-            layers = {e: self.experts[e].layers[i] for e, i in self._active_at[step].items()}
+            layers = {e: self.experts[e].layers[i] for e, i in self._active_at[step].items() if step >= begin[e]}
             handled = {e for op in sites["replace_attn"] for e in op.experts}
             self._run_site("replace_attn", sites["replace_attn"], x, layouts, layers, step)
             for e, layer in layers.items():
