@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fusionkit.data import decode, motion, sampling
+from fusionkit.data import decode, memo, motion, sampling
 from fusionkit.data.collate import Skipped
 from fusionkit.data.manifest import Manifest
 from fusionkit.data.transforms import TrainTransform, norm_constants, normalize, to_video, view_crop
@@ -93,6 +93,8 @@ class ManifestDataset(Dataset):
             :class:`~fusionkit.data.transforms.TrainTransform`.
         seed: ``None`` (randomness from the worker's torch RNG) or an int (per-item seeds from
             ``(seed, epoch, index)``).
+        decoded_cache_gb: keep up to this many GB of decoded frames / audio in memory and decode
+            each (file, frames) once per process (:mod:`fusionkit.data.memo`; 0: off).
     """
 
     def __init__(self, path: str | Path, root: str | Path | None = None, heads: Mapping[str, str] | None = None,
@@ -102,7 +104,8 @@ class ManifestDataset(Dataset):
                  audio: Mapping[str, Any] | None = None, mean: str | Sequence[float] = "imagenet",
                  std: str | Sequence[float] | None = None, random_resized_crop: Mapping | Sequence | bool | None = None,
                  flip: bool = True, color_jitter: float | Sequence[float] | None = None,
-                 randaugment: Mapping[str, int] | None = None, seed: int | None = None) -> None:
+                 randaugment: Mapping[str, int] | None = None, seed: int | None = None,
+                 decoded_cache_gb: float = 0.0) -> None:
         modalities = [modalities] if isinstance(modalities, str) else list(modalities)
         bad = [m for m in modalities if m not in MODALITIES]
         if bad or not modalities:
@@ -150,6 +153,7 @@ class ManifestDataset(Dataset):
                                       color_jitter=color_jitter, randaugment=dict(randaugment) if randaugment else None)
         self.seed = seed
         self.epoch = 0
+        self.decoded_cache_gb = float(decoded_cache_gb)
 
     # -- the contract's small API ---------------------------------------------------------------
 
@@ -204,7 +208,8 @@ class ManifestDataset(Dataset):
 
     def _load(self, item, clip: int, crop: int, seed: int) -> dict[str, Any]:
         rng = random.Random(seed)
-        info = decode.probe(item.path)
+        source = memo.file_key(item.path) if self.decoded_cache_gb > 0 else None
+        info = self._memo(("probe", source), lambda: decode.probe(item.path))
         out: dict[str, Any] = {}
         start = item.start or 0.0
         window = None  # (t0, t1) seconds the clip covers, relative to the media's origin
@@ -220,7 +225,10 @@ class ManifestDataset(Dataset):
             position = None if self.train else sampling.clip_positions(self.sampling, self.clips)[clip]
             idx = sampling.sample_indices(self.sampling, stop - first, self.frames, self.stride, position, rng)
             numbers = [first + i for i in idx]
-            video = to_video(decode.read_frames(item.path, numbers, info)) if "video" in self.modalities else None
+            video = None
+            if "video" in self.modalities:
+                video = to_video(self._memo(("frames", source, tuple(numbers)),
+                                            lambda: decode.read_frames(item.path, numbers, info)))
             field = None
             if "motion" in self.modalities:
                 field = torch.from_numpy(motion.decode_motion(item.path, numbers, info))
@@ -262,6 +270,15 @@ class ManifestDataset(Dataset):
         out["audio_missing"] = bool(missing)
         return out
 
+    def _memo(self, key: tuple, compute: Any) -> Any:
+        """``compute()``, remembered in the process's decoded-media memory when it is on."""
+        if key[1] is None:
+            return compute()
+        value = memo.decoded(key, compute, self.decoded_cache_gb)
+        if isinstance(value, (torch.Tensor, np.ndarray)):  # callers may change their arrays in place
+            return value.clone() if isinstance(value, torch.Tensor) else value.copy()
+        return value
+
     def _audio(self, item, info: decode.MediaInfo, window: tuple[float, float] | None, clip: int,
                rng: random.Random) -> tuple[torch.Tensor, bool, tuple[float, float]]:
         """Mono audio at ``audio.sample_rate``, whether the track was missing, and its window (s)."""
@@ -284,10 +301,10 @@ class ManifestDataset(Dataset):
                 pos = rng.random() if self.train else sampling.clip_positions("dense", self.clips)[clip]
                 t0 = lo + slack * pos
                 t1 = t0 + seconds
-        if item.audio_path is not None:
-            wave = decode.read_audio(item.audio_path, t0, t1, rate, origin=0.0)
-        else:
-            wave = decode.read_audio(item.path, t0, t1, rate, origin=info.origin)
+        path, origin = (item.audio_path, 0.0) if item.audio_path is not None else (item.path, info.origin)
+        source = memo.file_key(path) if self.decoded_cache_gb > 0 else None
+        wave = self._memo(("audio", source, t0, t1, rate, origin),
+                          lambda: decode.read_audio(path, t0, t1, rate, origin=origin))
         missing = wave is None
         if missing:
             policy = self.audio["missing"]
