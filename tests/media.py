@@ -1,5 +1,7 @@
 """Real media files for the data tests, written with PyAV (H.264 + AAC in MP4, PCM WAV).
 
+The H.264 + AAC writer itself is :func:`fusionkit.data.encode.write_video` (re-exported here).
+
 Frames encode their index as a flat grey level (``GREY_STEP · i``) so the sampled frame indices
 can be read back from the decoded pixels; audio carries a 440 Hz tone switched on over a known
 time interval so the cut can be checked against the frames' time span.
@@ -13,9 +15,11 @@ from pathlib import Path
 import av
 import numpy as np
 
+from fusionkit.data.encode import LAYOUTS, write_video  # noqa: F401 - re-exported for the tests
+from fusionkit.data.encode import encode_audio as _encode_audio
+
 GREY_STEP = 5  # frame i is a flat grey image of value GREY_STEP * i (i < 51)
 TONE_HZ = 440.0
-LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1"}
 
 
 def index_frames(num_frames: int, height: int = 48, width: int = 64) -> np.ndarray:
@@ -50,33 +54,6 @@ def tone(seconds: float, rate: int, channels: int, on: tuple[float, float], ampl
     return out
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int = 25, audio: np.ndarray | None = None,
-                sample_rate: int = 44100, gop: int = 12, codec: str = "libx264") -> Path:
-    """H.264 (yuv420p, B-frames, a keyframe every ``gop`` frames) plus optional AAC ``audio`` ``(C, n)``;
-    ``codec="mpeg4"`` writes MPEG-4 Part 2 instead (container from the suffix: .mp4, .mkv, .avi)."""
-    path = Path(path)
-    with av.open(str(path), "w") as out:
-        vs = out.add_stream(codec, rate=fps)
-        vs.width, vs.height = frames.shape[2], frames.shape[1]
-        vs.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            vs.options = {"crf": "2", "g": str(gop), "preset": "veryfast", "bf": "2"}
-        else:
-            vs.options = {"qmin": "1", "qmax": "2", "g": str(gop)}
-            vs.bit_rate = 4_000_000
-        aus = None
-        if audio is not None:
-            aus = out.add_stream("aac", rate=sample_rate, layout=LAYOUTS[audio.shape[0]])
-        for img in frames:
-            for packet in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
-                out.mux(packet)
-        for packet in vs.encode():
-            out.mux(packet)
-        if aus is not None:
-            _encode_audio(out, aus, audio, sample_rate, planar=True)
-    return path
-
-
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
     """16-bit PCM WAV of ``audio`` ``(C, n)`` float in [-1, 1]."""
     path = Path(path)
@@ -93,24 +70,6 @@ def write_audio_only(path: str | Path, audio: np.ndarray, sample_rate: int) -> P
         st = out.add_stream("aac", rate=sample_rate, layout=LAYOUTS[audio.shape[0]])
         _encode_audio(out, st, audio, sample_rate, planar=True)
     return path
-
-
-def _encode_audio(out, stream, audio: np.ndarray, rate: int, planar: bool, chunk: int = 1024) -> None:
-    layout = LAYOUTS[audio.shape[0]]
-    for pos in range(0, audio.shape[1], chunk):
-        block = audio[:, pos:pos + chunk]
-        if planar:
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block, dtype=np.float32), format="fltp",
-                                               layout=layout)
-        else:
-            pcm = np.clip(np.round(block.T * 32767), -32768, 32767).astype(np.int16).reshape(1, -1)
-            frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout=layout)
-        frame.sample_rate = rate
-        frame.pts = pos
-        for packet in stream.encode(frame):
-            out.mux(packet)
-    for packet in stream.encode():
-        out.mux(packet)
 
 
 def write_corrupt(path: str | Path, source: str | Path | None = None) -> Path:
