@@ -10,15 +10,27 @@ Sub-commands:
     predict RECIPE --video FILE         top-5 per head for one media file
 
 Commands that live with their feature (describe, convert, the engine's train / eval / predict) add
-themselves through ``add_command``.
+themselves through ``add_command``. ``key=value`` overrides may stand anywhere after ``RECIPE``
+(``fusionkit eval tiny --checkpoint C train.seed=1``).
+
+Errors: a :class:`~fusionkit.errors.FusionkitError` (a bad recipe key, a missing or unreadable file, a
+checkpoint that does not fit, ...), an ``OSError`` (disk full, permission denied) and Ctrl-C end with
+one line on stderr, ``error: <message>``, and exit status 2; ``--debug`` (anywhere on the command
+line) or ``FUSIONKIT_DEBUG=1`` re-raises them with the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fusionkit.errors import FusionkitError, debug_requested, describe_os_error, one_line
+
+OVERRIDE = re.compile(r"^[^-=][^=]*=")  # key=value (not an option)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -51,6 +63,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusionkit", description="Modular multimodal fusion toolkit for PyTorch")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also FUSIONKIT_DEBUG=1); allowed anywhere")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="list registered experts, fusion operators, heads, kernels, ...")
@@ -70,11 +84,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import fusionkit  # noqa: F401 - registers the built-ins
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The sub-command's parser (for its usage line in an error), else ``parser``."""
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps sub-parsers here
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            return action.choices.get(getattr(args, action.dest, None), parser)
+    return parser
 
-    return args.func(args)
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv`` with ``key=value`` overrides accepted anywhere after ``RECIPE``.
+
+    argparse gives a ``nargs="*"`` positional only the values right after the one before it; the
+    ``key=value`` strings it leaves over are appended to ``overrides`` in their order (like
+    ``parse_intermixed_args``, which does not work with sub-commands). Anything else left over is an
+    error of the sub-command.
+    """
+    args, extras = parser.parse_known_args(list(argv))
+    rest = extras
+    if extras and isinstance(getattr(args, "overrides", None), list):
+        args.overrides = [*args.overrides, *(a for a in extras if OVERRIDE.match(a))]
+        rest = [a for a in extras if not OVERRIDE.match(a)]
+    if rest:
+        _subparser(parser, args).error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def report(message: str, status: int = 2) -> int:
+    """Print ``error: <message>`` as one line on stderr; returns ``status``."""
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    prefix = "\033[1;31merror:\033[0m" if tty else "error:"
+    print(f"{prefix} {one_line(message)}", file=sys.stderr, flush=True)
+    return status
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, debug: bool = False) -> int:
+    """``func(args)``, with fusionkit's errors, OS errors and Ctrl-C as one line on stderr (status 2)."""
+    try:
+        import fusionkit  # noqa: F401 - registers the built-ins
+
+        return func(args)
+    except FusionkitError as err:
+        if debug:
+            raise
+        return report(str(err), err.exit_code)
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        return report(str(err) if str(err) else "interrupted (Ctrl-C)", 2)
+    except OSError as err:
+        if debug:
+            raise
+        return report(describe_os_error(err), 2)
+
+
+def split_debug(argv: Sequence[str] | None) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug`` (allowed anywhere), and whether a traceback was asked for."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or debug_requested()
+    return [a for a in argv if a != "--debug"], debug
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv, debug = split_debug(argv)
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    return run_command(args.func, args, debug)
+
+
+def run_module_main(add_command: Callable[[Any], Any], argv: Sequence[str] | None = None) -> int:
+    """``main`` of a module that adds its own commands (``python -m fusionkit.engine.commands ...``)."""
+    argv, debug = split_debug(argv)
+    parser = argparse.ArgumentParser(prog="fusionkit")
+    add_command(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parse_args(parser, argv)
+    return run_command(args.func, args, debug)
 
 
 if __name__ == "__main__":

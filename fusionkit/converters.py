@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fusionkit.errors import FusionkitError
 from fusionkit.experts.pretrained import PretrainedError, read_state_dict, unwrap_state_dict
 from fusionkit.registry import closest
 
@@ -43,7 +44,7 @@ __all__ = ["CONVERTERS", "ConvertError", "Converter", "add_command", "cast_varia
            "export", "get_converter", "read_checkpoint", "save_safetensors"]
 
 
-class ConvertError(ValueError):
+class ConvertError(FusionkitError, ValueError):
     """A checkpoint that a converter cannot map; the message names the offending keys."""
 
 

@@ -47,6 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fusionkit.adapters import attach_adapters
+from fusionkit.errors import FusionkitError
 from fusionkit.experts.pretrained import load_into, read_state_dict
 from fusionkit.graph import FusionModel, OperatorSpec, linear_rates
 from fusionkit.registry import EXPERTS, FUSIONS, HEADS, Registry, closest
@@ -64,7 +65,7 @@ ADAPTER_KEYS = ("attn", "mlp", "ratio", "mlp_scale", "layers")
 TRAINABLE_KEYS = ("unfreeze", "freeze")
 
 
-class RecipeError(ValueError):
+class RecipeError(FusionkitError, ValueError):
     """A recipe that cannot be loaded or built; the message names the key."""
 
 
@@ -88,6 +89,11 @@ def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        if mark is not None and problem:  # a YAML syntax error: file:line:column
+            context = getattr(err, "context", None)
+            raise RecipeError(f"YAML syntax error in recipe {path}:{mark.line + 1}:{mark.column + 1}: {problem}"
+                              + (f" ({context})" if context else "")) from err
         raise RecipeError(f"cannot read recipe {path}: {err}") from err
     if not isinstance(cfg, DictConfig):
         raise RecipeError(f"recipe {path} is not a mapping")
@@ -181,14 +187,32 @@ def _steps(path: str, layers: Any, num_steps: int) -> list[int]:
     return sorted({i % num_steps for i in layers})
 
 
+UNEXPECTED_KWARG = re.compile(r"unexpected keyword argument '(\w+)'")
+
+
 def _build(path: str, fn: Any, **kwargs: Any) -> Any:
-    """Call ``fn(**kwargs)``, re-raising configuration errors with the recipe key."""
+    """Call ``fn(**kwargs)``, re-raising configuration errors as a :class:`RecipeError` naming the key
+    (``experts.spatial.img_sze`` for an option that a ``**kwargs`` factory passed on to a class that
+    does not take it, with the closest valid keys)."""
     try:
         return fn(**kwargs)
-    except RecipeError:
+    except FusionkitError:
         raise
-    except (ValueError, TypeError, KeyError) as err:
+    except TypeError as err:
+        m = UNEXPECTED_KWARG.search(str(err))
+        if m and m.group(1) in kwargs:
+            key = m.group(1)
+            try:
+                names, _ = accepted_keys(fn)
+            except (TypeError, ValueError):  # no signature to read
+                names = []
+            hint = ", ".join(closest(key, [k for k in dict.fromkeys([*names, *kwargs]) if k != key])) or "(none)"
+            raise RecipeError(f"recipe key '{path}.{key}' is not a valid option ({err}); closest valid keys: "
+                              f"{hint}") from err
         raise RecipeError(f"{path}: {err}") from err
+    except (ValueError, KeyError, ArithmeticError, IndexError) as err:
+        raise RecipeError(f"{path}: {type(err).__name__ + ': ' if isinstance(err, ArithmeticError) else ''}"
+                          f"{err}") from err
 
 
 def build_from_config(cfg: Mapping[str, Any]) -> FusionModel:

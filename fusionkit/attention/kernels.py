@@ -31,12 +31,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fusionkit.errors import FusionkitError
 from fusionkit.registry import KERNELS
 
 BACKENDS = ("auto", "eager", "sdpa", "xformers")
 ENV_VAR = "FUSIONKIT_ATTENTION"
 
 _forced: list[str] = []
+
+
+class BackendError(FusionkitError, RuntimeError):
+    """A forced attention backend that cannot run here (xformers on a CPU tensor, xformers not importable)."""
+
+
+class UnknownBackendError(BackendError, ValueError):
+    """An attention backend name that is not one of :data:`BACKENDS`."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,7 @@ Bias = Tensor | BlockDiagonal | None
 def use_backend(name: str) -> Iterator[None]:
     """Force an attention backend inside a ``with`` block (nestable)."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(BACKENDS)}")
+        raise UnknownBackendError(f"unknown attention backend {name!r}; valid: {', '.join(BACKENDS)}")
     _forced.append(name)
     try:
         yield
@@ -87,7 +96,7 @@ def requested_backend() -> str:
         return _forced[-1]
     name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if name not in BACKENDS:
-        raise ValueError(f"${ENV_VAR}={name!r} is not a valid attention backend; valid: {', '.join(BACKENDS)}")
+        raise UnknownBackendError(f"${ENV_VAR}={name!r} is not a valid attention backend; valid: {', '.join(BACKENDS)}")
     return name
 
 
@@ -121,8 +130,9 @@ def resolve_backend(q: Tensor) -> str:
     if name == "auto":
         return "xformers" if xformers_available(q.device, q.dtype) else "sdpa"
     if name == "xformers" and not xformers_available(q.device, q.dtype):
-        raise RuntimeError(
-            f"attention backend 'xformers' was forced but has no kernel for {q.dtype} on {q.device.type} "
+        how = "use_backend('xformers')" if _forced else f"${ENV_VAR}=xformers"
+        raise BackendError(
+            f"attention backend 'xformers' was forced ({how}) but has no kernel for {q.dtype} on {q.device.type} "
             "(xformers' memory_efficient_attention runs on CUDA only); use 'sdpa' or 'auto'"
         )
     return name
@@ -189,7 +199,7 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor, bias: Bias = None, dropo
     """xformers memory_efficient_attention on CUDA (BMHK layout; block-diagonal masks native)."""
     xops = _xformers_ops()
     if xops is None:
-        raise RuntimeError("xformers is not importable")
+        raise BackendError("attention backend 'xformers': xformers is not importable; use 'sdpa' or 'auto'")
     B, H, Lq, _ = q.shape
     qx, kx, vx = (t.transpose(1, 2) for t in (q, k, v))  # (B, L, H, K)
     if isinstance(bias, BlockDiagonal):

@@ -29,10 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fusionkit.errors import FusionkitError
+
 AUDIO_MARGIN = 0.25  # seconds decoded on each side of an audio window (resampler / AAC context)
 
 
-class DecodeError(RuntimeError):
+class DecodeError(FusionkitError, RuntimeError):
     """A media file that cannot be decoded (corrupt, truncated, unreadable, missing a stream)."""
 
 

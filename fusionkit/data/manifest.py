@@ -27,13 +27,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusionkit.errors import FusionkitError
 from fusionkit.registry import closest
 
 RESERVED = ("path", "start", "end", "id", "audio_path")
 TIMESTAMP = re.compile(r"^(?:(\d+):)?(\d+):(\d+(?:\.\d*)?)$")
 
 
-class ManifestError(ValueError):
+class ManifestError(FusionkitError, ValueError):
     """A manifest that cannot be read; the message names the file and row."""
 
 
@@ -71,13 +72,14 @@ def parse_time(value, where: str = "") -> float | None:
 
 def read_rows(path: str | Path) -> list[dict]:
     """The raw rows of a CSV (header row required) or JSONL manifest (chosen by suffix; ``.json``
-    holding a list of objects also works)."""
+    holding a list of objects also works). Files are UTF-8; a byte-order mark (spreadsheet exports)
+    is dropped, not read as part of the first column's name."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path} not found")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
         if suffix == ".json" and text.lstrip().startswith("["):
             rows = json.loads(text)
         else:
@@ -92,7 +94,7 @@ def read_rows(path: str | Path) -> list[dict]:
             if not isinstance(r, dict):
                 raise ManifestError(f"{path}: row {i} is not a JSON object")
         return rows
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         rows = [dict(r) for r in csv.DictReader(fh, skipinitialspace=True)]
     return [{k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in r.items() if k is not None} for r in rows]
 
@@ -102,7 +104,7 @@ def read_class_names(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"class-name file {path} not found")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ManifestError(f"{path}: duplicate class names {dup[:5]}")
@@ -209,6 +211,17 @@ class Manifest:
                     clip_id=str(cid) if cid not in (None, "") else str(row),
                     audio_path=self._resolve(r["audio_path"]) if r.get("audio_path") else None,
                     labels={h: self._label(h, r.get(c), row) for h, c in self.heads.items()})
+
+    def check_ids(self, head: str, num_classes: int, what: str) -> None:
+        """Raise :class:`ManifestError` naming the first row whose ``head`` id is not below ``num_classes``
+        (the classes of the model head ``what`` that trains on it)."""
+        for item in self.items:
+            value = item.labels.get(head, -1)
+            if value >= num_classes:
+                names = self.names.get(head) or []
+                name = f" ({names[value]!r})" if value < len(names) and names[value] != str(value) else ""
+                raise ManifestError(f"{self.path}, row {item.row}: {head} label {value}{name} is outside the "
+                                    f"{num_classes} classes of {what}")
 
     def __len__(self) -> int:
         return len(self.items)

@@ -4,6 +4,9 @@
     fusionkit eval RECIPE --checkpoint C [key=value ...] [--split val] [--json]
     fusionkit predict RECIPE --video FILE [--checkpoint C] [key=value ...] [--topk 5] [--json]
 
+Overrides may stand anywhere after RECIPE. Errors end as one line ``error: ...`` on stderr with exit
+status 2 (:func:`fusionkit.cli.run_command`); SIGTERM during ``train`` writes a checkpoint and exits 0.
+
 Distributed: ``torchrun --nproc_per_node N -m fusionkit train RECIPE ...``.
 """
 
@@ -16,26 +19,13 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def _error(message: str) -> int:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    return 2
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from fusionkit.engine import distributed
-    from fusionkit.engine.trainer import NonFiniteLossError, train
-    from fusionkit.recipes import RecipeError
+    from fusionkit.engine.trainer import train
 
     try:
         result = train(args.recipe, args.overrides, args.output_dir, args.resume,
                        progress=False if args.no_progress else None)
-    except NonFiniteLossError as err:
-        _error(str(err))
-        return 1
-    except (RecipeError, ValueError, FileNotFoundError) as err:
-        return _error(str(err))
     finally:
         distributed.cleanup()
     return 0 if result.status in ("finished", "max_steps", "interrupted") else 1
@@ -44,14 +34,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from fusionkit.engine import distributed
     from fusionkit.engine.evaluate import run_eval
-    from fusionkit.recipes import RecipeError
 
     try:
         metrics = run_eval(args.recipe, args.checkpoint, args.overrides, args.split,
                            progress=False if (args.no_progress or args.json) else None,
                            console=_quiet_console() if args.json else None)
-    except (RecipeError, ValueError, FileNotFoundError) as err:
-        return _error(str(err))
     finally:
         distributed.cleanup()
     if args.json and distributed.info().is_main:
@@ -60,13 +47,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fusionkit.engine.predict import DecodeError, render, run_predict
-    from fusionkit.recipes import RecipeError
+    from fusionkit.engine.predict import render, run_predict
 
-    try:
-        out = run_predict(args.recipe, args.video, args.checkpoint, args.overrides, args.topk)
-    except (RecipeError, ValueError, FileNotFoundError, DecodeError) as err:
-        return _error(str(err))
+    out = run_predict(args.recipe, args.video, args.checkpoint, args.overrides, args.topk)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -127,13 +110,11 @@ def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one engine command without the rest of the CLI (``python -m fusionkit.engine.commands train ...``)."""
-    parser = argparse.ArgumentParser(prog="fusionkit")
-    add_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    import fusionkit  # noqa: F401 - registers the built-ins
+    """Run one engine command without the rest of the CLI (``python -m fusionkit.engine.commands train ...``),
+    with the CLI's argument parsing and error reporting (:func:`fusionkit.cli.run_module_main`)."""
+    from fusionkit.cli import run_module_main
 
-    return args.func(args)
+    return run_module_main(add_command, argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fusionkit.data import load_inputs as decode_media
 from fusionkit.data.decode import DecodeError
+from fusionkit.errors import UsageError
 
 MODALITIES = ("video", "audio")
 NDIM = {"video": 4, "audio": 1}
@@ -25,14 +26,12 @@ NDIM = {"video": 4, "audio": 1}
 def load_inputs(path: str | Path, recipe: Mapping[str, Any]) -> dict[str, Tensor]:
     """Model inputs ``{modality: (V, ...)}`` (``V`` views) for one clip file."""
     path = Path(path)
+    if path.is_dir():
+        raise DecodeError(f"--video: {path} is a directory, not a media file")
     if not path.is_file():
-        raise DecodeError(f"--video: no such file {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        raw = load_file(str(path))
-    elif path.suffix in (".pt", ".pth"):
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raise DecodeError(f"--video: no such file {path}" if not path.exists() else f"--video: {path} is not a file")
+    if path.suffix in (".safetensors", ".pt", ".pth"):
+        raw = _tensor_file(path)
         if not isinstance(raw, Mapping):
             raise DecodeError(f"{path}: expected a dict of tensors with 'video' and/or 'audio'")
     else:
@@ -45,6 +44,25 @@ def load_inputs(path: str | Path, recipe: Mapping[str, Any]) -> dict[str, Tensor
     if not inputs:
         raise DecodeError(f"{path}: no 'video' or 'audio' tensor (found {sorted(raw)})")
     return inputs
+
+
+def _tensor_file(path: Path) -> Any:
+    """The tensors of a pre-decoded clip (``.safetensors``, or a torch file read with ``weights_only``)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise DecodeError(f"--video: cannot read {path} as a {path.suffix} tensor file: {err}") from err
+
+
+def check_topk(topk: Any, what: str = "--topk") -> int:
+    """``topk`` as a positive int, else a :class:`~fusionkit.errors.UsageError` naming ``what``."""
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise UsageError(f"{what} must be a positive number of classes, got {topk!r}")
+    return topk
 
 
 @torch.no_grad()
@@ -108,8 +126,9 @@ def run_predict(recipe: Any, video: str | Path, checkpoint: str | None = None, o
 
     cfg = load_recipe(recipe, list(overrides))
     tcfg, ecfg = train_config(cfg), eval_config(cfg)
+    k = check_topk(topk) if topk is not None else check_topk(ecfg["topk"], "recipe key 'eval.topk'")
     dev = pick_device(device if device != "auto" else tcfg["device"])
     inputs = load_inputs(video, cfg)
     model, _ = model_for(cfg, checkpoint, dev)
-    preds = predict(model, inputs, int(topk or ecfg["topk"]), class_names_of(cfg, model))
+    preds = predict(model, inputs, k, class_names_of(cfg, model))
     return {"file": str(video), "checkpoint": str(checkpoint) if checkpoint else None, "predictions": preds}

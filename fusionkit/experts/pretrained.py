@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fusionkit.errors import FusionkitError
+
 StateDict = dict[str, Tensor]
 
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".ckpt")
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_state")
 
 
-class PretrainedError(RuntimeError):
+class PretrainedError(FusionkitError, RuntimeError):
     """Pretrained weights could not be found, read or matched to the model."""
 
 

@@ -59,6 +59,18 @@ def window_length(window: Window, layout: TokenLayout, what: str) -> int:
     return plan.seqlens[0]
 
 
+def _bottleneck_width(ratio: Any, widest: int) -> int:
+    """``round(ratio · widest)``, with a message naming ``ratio`` when it is not a positive number."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0 or ratio == float("inf"):
+        raise ValueError(f"bca: ratio must be a number > 0 (the bottleneck width as a fraction of the widest joined "
+                         f"expert, e.g. 0.5), got {ratio!r}")
+    width = int(round(ratio * widest))
+    if width < 1:
+        raise ValueError(f"bca: ratio {ratio!r} gives a bottleneck of width {width} for experts {widest} wide; "
+                         f"use a ratio of at least {0.5 / widest:.3g}")
+    return width
+
+
 class CrossDirection(nn.Module):
     """One direction: multi-head cross-attention with learned per-window-position embeddings.
 
@@ -142,7 +154,7 @@ class BCA(FusionOp):
                                  f"{', '.join(POSITIONS)}")
             self.directions[name] = (spec["query"], spec["key"], resolve_window(spec.get("window", "global")))
         if mode == "bottleneck":
-            width = bottleneck_dim or int(round(ratio * max(dims.values())))
+            width = bottleneck_dim or _bottleneck_width(ratio, max(dims.values()))
         else:
             if len(set(dims.values())) != 1:
                 raise ValueError(f"bca mode {mode!r} attends at full width and needs experts of one width, got {dims}")
