@@ -63,6 +63,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "mixup_prob": 1.0,
     "loss_weights": {},         # head -> weight of its loss
     "nonfinite": "stop",        # stop (error naming the step) or skip (drop the step's update)
+    "max_nonfinite_fraction": 0.5,  # nonfinite=skip: more than this fraction of an epoch's steps skipped is an error
+    "max_skipped_fraction": 1.0,  # more than this fraction of an epoch's clips undecodable is an error (1.0: only
+                                  # an epoch whose every clip is undecodable)
     "log_every": 10,
     "eval_every": 1,            # validate every N epochs (0: never)
     "output_dir": None,         # default runs/<recipe name>

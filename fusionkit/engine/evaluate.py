@@ -19,6 +19,7 @@ from torch import nn
 
 from fusionkit.engine import distributed
 from fusionkit.engine.loading import build_dataset, make_loader, to_device
+from fusionkit.errors import DataError
 from fusionkit.fusion.late import ensemble
 from fusionkit.metrics import MetricTracker, harmonic_mean
 
@@ -48,9 +49,10 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str
     logits_all: dict[str, list[torch.Tensor]] = {}
     targets_all: dict[str, list[torch.Tensor]] = {}
     ids: list[Any] = []
-    skipped = 0
+    skipped, first_skip = 0, None
     for batch in loader:
         skipped += len(batch.get("skipped") or [])
+        first_skip = first_skip or next(iter(batch.get("skipped") or []), None)
         inputs, targets = to_device(batch, device)
         if on_batch is not None:
             on_batch(len(batch.get("clip_id") or []))
@@ -79,6 +81,9 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str
             tracker.update(logits, targets, clip_ids=clip_ids if with_ids else None)
     total_skipped = sum(p[3] for p in parts)
     if not len(tracker):
+        if total_skipped:  # every clip undecodable: no metric, not a "0 %" that could pick a best model
+            example = f", e.g. {first_skip[0]}: {first_skip[1]}" if first_skip else ""
+            raise DataError(f"every one of its {total_skipped} clips failed to decode{example}")
         return {"num_samples": 0.0, "skipped": float(total_skipped)}
     out = tracker.compute()
     out["skipped"] = float(total_skipped)
@@ -114,9 +119,15 @@ def eval_loaders(specs: Mapping[str, Mapping[str, Any]], batch_size: int, num_wo
 def evaluate_sets(model: nn.Module, loaders: Mapping[str, Any], device: torch.device, precision: str = "fp32",
                   action: Sequence[str] | None = ("verb", "noun"), ks: Sequence[int] = (1, 5),
                   on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
-    """:func:`evaluate` on every loader, combined by :func:`combine`."""
-    return combine({name: evaluate(model, loader, device, precision, action, ks, on_batch)
-                    for name, loader in loaders.items()})
+    """:func:`evaluate` on every loader, combined by :func:`combine`; a set whose every clip is
+    undecodable raises :class:`~fusionkit.errors.DataError` naming the set."""
+    per_set = {}
+    for name, loader in loaders.items():
+        try:
+            per_set[name] = evaluate(model, loader, device, precision, action, ks, on_batch)
+        except DataError as err:
+            raise DataError(f"evaluation set {name!r}: {err}") from err
+    return combine(per_set)
 
 
 def default_monitor(metrics: Mapping[str, float]) -> str | None:
@@ -149,14 +160,14 @@ def run_eval(recipe: Any, checkpoint: str | None, overrides: Sequence[str] = (),
     from fusionkit.engine.config import dataset_specs, eval_config, train_config
     from fusionkit.engine.progress import Reporter
     from fusionkit.engine.trainer import pick_device
-    from fusionkit.recipes import load_recipe
+    from fusionkit.recipes import RecipeError, load_recipe
 
     cfg = load_recipe(recipe, list(overrides))
     tcfg, ecfg = train_config(cfg), eval_config(cfg)
     split = split or ecfg["split"]
     specs = dataset_specs(cfg, split)
     if not specs:
-        raise ValueError(f"recipe has no data.{split} section to evaluate on")
+        raise RecipeError(f"recipe has no data.{split} section to evaluate on")
     d = distributed.init(tcfg["distributed"]["backend"], tcfg["distributed"]["timeout_s"])
     dev = pick_device(device if device != "auto" else tcfg["device"])
     model, _ = model_for(cfg, checkpoint, dev)

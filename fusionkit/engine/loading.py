@@ -18,6 +18,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fusionkit.engine.config import check_dataset_spec
+from fusionkit.recipes import RecipeError
+from fusionkit.registry import closest
 
 
 def _data_helper(name: str) -> Callable[..., Any] | None:
@@ -39,7 +41,47 @@ def build_dataset(spec: Mapping[str, Any], path: str = "data") -> Dataset:
     try:
         return cls(**options)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as err:
-        raise ValueError(f"{path}: {err}") from err
+        raise RecipeError(f"{path}: {err}") from err
+
+
+def label_classes(dataset: Dataset) -> dict[str, int | None] | None:
+    """The labels a dataset gives, with their number of classes where known (``None`` if it does not say).
+
+    From the dataset's own ``label_classes()``, else its ``manifest`` (label → class names), else a
+    ``classes`` mapping (label → count, the synthetic dataset)."""
+    own = getattr(dataset, "label_classes", None)
+    if callable(own):
+        return dict(own())
+    manifest = getattr(dataset, "manifest", None)
+    if manifest is not None and isinstance(getattr(manifest, "heads", None), Mapping):
+        return {h: None for h in manifest.heads}  # ids are checked row by row (Manifest.check_ids)
+    classes = getattr(dataset, "classes", None)
+    if isinstance(classes, Mapping):
+        return {str(h): int(c) for h, c in classes.items()}
+    return None
+
+
+def check_labels(dataset: Dataset, heads: Mapping[str, Any], where: str = "data.train") -> None:
+    """Before the first step: each head's target label is one the dataset gives, and the dataset's class
+    ids fit the head (a manifest names its first row outside the head's classes)."""
+    labels = label_classes(dataset)
+    if labels is None:
+        return
+    manifest = getattr(dataset, "manifest", None)
+    for name, head in heads.items():
+        target = getattr(head, "target", None) or name
+        if target not in labels:
+            hint = ", ".join(closest(target, list(labels))) or "(none)"
+            raise RecipeError(f"heads.{name} trains on the label {target!r}, but {where} has no such label "
+                              f"(its labels: {', '.join(sorted(labels)) or 'none'}; closest: {hint}); set "
+                              f"heads.{name}.target, or the dataset's heads / label columns")
+        n = getattr(head, "num_classes", None)
+        if n is None or getattr(head, "multilabel", False):
+            continue
+        if labels[target] is not None and labels[target] > int(n):
+            raise RecipeError(f"{where} has {labels[target]} classes of {target!r} but heads.{name} has {n}")
+        if manifest is not None and hasattr(manifest, "check_ids"):
+            manifest.check_ids(target, int(n), f"heads.{name} ({where})")
 
 
 def collate_for(dataset: Dataset) -> Callable[[list[Any]], dict[str, Any]]:

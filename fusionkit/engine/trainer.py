@@ -7,8 +7,16 @@ micro-batch only) → one all-reduce of (loss, non-finite flag, SIGTERM flag) �
 AdamW step (layer-wise lr, weight-decay exclusions) → scheduler step.
 
 Faults: a non-finite loss stops the run with an error naming the step (``nonfinite: stop``) or drops
-that step's update (``nonfinite: skip``). SIGTERM finishes the current step, writes a checkpoint and
-returns cleanly. Undecodable clips are dropped by the collate and counted.
+that step's update (``nonfinite: skip``; more than ``max_nonfinite_fraction`` of an epoch's steps
+stops the run). SIGTERM finishes the current step, writes a checkpoint and returns cleanly; Ctrl-C
+does the same and then raises ``KeyboardInterrupt`` with a one-line message (a second Ctrl-C stops at
+once). Undecodable clips are dropped by the collate and counted; an epoch whose clips are all
+undecodable (or more than ``max_skipped_fraction`` of them) is an error.
+
+Before the first step: the run directory is claimed (:func:`~.checkpoint.claim_run_dir`: writable,
+locked, not holding another run unless resuming), and every head's label is checked against the
+training set. Resuming rewrites ``metrics.jsonl`` without the rows after the resumed step and
+restores the epoch's partial tally (its step losses, skipped clips and steps).
 
 Exact resume: the data order is a function of (seed, epoch) (:class:`~.distributed.ShardedSampler`),
 checkpoints are written at step boundaries with optimizer, scheduler, scaler, mixup and RNG states,
@@ -20,12 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import signal
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,21 +43,25 @@ import torch
 from torch import nn
 
 from fusionkit.engine import distributed
-from fusionkit.engine.checkpoint import (CheckpointManager, model_meta, model_tensors, optimizer_from_flat,
-                                         optimizer_to_flat, read_meta, read_tensors, rng_state, set_rng_state,
-                                         state_path, load_weights)
+from fusionkit.engine.checkpoint import (CheckpointError, CheckpointManager, RunDirError, atomic_write_bytes,
+                                         claim_run_dir, load_weights, model_meta, model_tensors, new_run_id,
+                                         optimizer_from_flat, optimizer_to_flat, read_meta, read_tensors, rng_state,
+                                         set_rng_state, state_path)
 from fusionkit.engine.config import dataset_specs, eval_config, train_config
 from fusionkit.engine.evaluate import autocast, default_monitor, eval_loaders, evaluate_sets
-from fusionkit.engine.loading import batch_size_of, build_dataset, make_loader, to_device
+from fusionkit.engine.loading import batch_size_of, build_dataset, check_labels, make_loader, to_device
 from fusionkit.engine.mixup import Mixup
 from fusionkit.engine.optim import build_optimizer, peak_lr
 from fusionkit.engine.progress import Reporter
 from fusionkit.engine.schedule import WarmupCosine
+from fusionkit.errors import DataError, FusionkitError, describe_os_error
 from fusionkit.heads import total_loss
+from fusionkit.recipes import RecipeError
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite (``train.nonfinite: stop``); the message names the step."""
+class NonFiniteLossError(FusionkitError, FloatingPointError):
+    """The loss became NaN or infinite (``train.nonfinite: stop``), or too many steps were skipped for it
+    (``train.nonfinite: skip``); the message names the step."""
 
 
 @dataclass
@@ -66,6 +79,33 @@ class TrainResult:
     output_dir: Path | None = None
 
 
+@dataclass
+class EpochTally:
+    """The current epoch so far, over all ranks; saved in checkpoints, so that a resumed epoch reports
+    (and limits) all of its steps, not only the resumed ones."""
+
+    losses: list[float] = field(default_factory=list)   # per optimizer step (NaN: update skipped)
+    clips: int = 0                                      # clips the loader gave
+    skipped: int = 0                                    # of which undecodable
+    nonfinite: int = 0                                  # updates dropped for a non-finite loss
+
+    def mean_loss(self) -> float:
+        finite = [x for x in self.losses if x == x]
+        return sum(finite) / len(finite) if finite else math.nan
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        return ({"tally.losses": torch.tensor(self.losses, dtype=torch.float64)},
+                {"clips": self.clips, "skipped": self.skipped, "nonfinite": self.nonfinite})
+
+    @classmethod
+    def from_state(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, int] | None) -> EpochTally:
+        if meta is None:  # a checkpoint of an older version: the resumed steps only
+            return cls()
+        losses = tensors.get("tally.losses")
+        return cls([float(x) for x in losses.tolist()] if losses is not None else [], int(meta["clips"]),
+                   int(meta["skipped"]), int(meta["nonfinite"]))
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -78,15 +118,22 @@ def default_output_dir(recipe: Mapping[str, Any]) -> Path:
     return Path("runs") / str(recipe.get("name") or "run")
 
 
+def _inside(path: Path, directory: Path) -> bool:
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
 class Trainer:
     """Trains the model of a loaded recipe (``fusionkit.load_recipe``) on its ``data`` section.
 
     Args:
         recipe: the loaded recipe (a dict with ``data`` and ``train`` sections).
         output_dir: run directory (checkpoints, ``metrics.jsonl``, ``metrics.csv``); default
-            ``train.output_dir`` or ``runs/<name>``.
-        resume: ``None`` (fresh run), ``"auto"`` (latest checkpoint of ``output_dir``, if any) or a
-            checkpoint path (``step_….safetensors``).
+            ``train.output_dir`` or ``runs/<name>``. It belongs to this run while it trains
+            (``run.lock``); a fresh run refuses a directory that holds another run's files.
+        resume: ``None`` (fresh run: the directory must hold no run), ``"auto"`` (the latest checkpoint
+            of ``output_dir``; a fresh start when it holds none) or a checkpoint path (``step_….safetensors``,
+            or a run directory for its latest).
         progress: live progress bar (default: when stdout is a terminal); ``False`` prints log lines.
         console: rich console for output.
     """
@@ -101,7 +148,11 @@ class Trainer:
         self.output_dir = Path(output_dir or self.cfg["output_dir"] or default_output_dir(self.recipe))
         self.resume = resume
         self.progress, self.console = progress, console
-        self._stop_signal = False
+        self._stop_signal = False   # SIGTERM: checkpoint after this step, return
+        self._interrupt = False     # Ctrl-C: checkpoint after this step, raise KeyboardInterrupt
+        self._phase = "setup"       # setup, step (before the update: the step-start snapshot is valid), update, other
+        self._snapshot: Any = None
+        self.lock: Any = None
 
     # -- setup --------------------------------------------------------------------------------------
 
@@ -124,264 +175,469 @@ class Trainer:
         if path.is_dir():
             found = CheckpointManager(path).latest()
             if found is None:
-                raise FileNotFoundError(f"--resume: no complete checkpoint in {path}")
+                raise CheckpointError(f"--resume: no complete checkpoint in {path}")
             return found
         if not path.is_file() or not state_path(path).is_file():
-            raise FileNotFoundError(f"--resume: {path} is not a training checkpoint (needs {state_path(path).name} "
-                                    "beside it)")
+            raise CheckpointError(f"--resume: {path} is not a training checkpoint (needs {state_path(path).name} "
+                                  "beside it)")
         return path
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:  # noqa: ARG002
         self._stop_signal = True
 
-    # -- the loop -----------------------------------------------------------------------------------
+    def _on_sigint(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        self._interrupt = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
-    def fit(self) -> TrainResult:
+    def _setup_data(self) -> None:
         cfg, d = self.cfg, self.dist
         specs = dataset_specs(self.recipe, "train")
         if len(specs) != 1:
-            raise ValueError("recipe key 'data.train' must give exactly one dataset spec {type: ..., ...}"
-                             if not specs else f"data.train: one training set expected, got {list(specs)}")
-        train_set = build_dataset(next(iter(specs.values())), "data.train")
-        val_specs = dataset_specs(self.recipe, "val")
-        bs, accum = int(cfg["batch_size"]), int(cfg["accum_steps"])
-        sampler = distributed.ShardedSampler(len(train_set), shuffle=True, seed=int(cfg["seed"]))
-        spe = sampler.full_length() // bs // accum  # optimizer steps per epoch
-        if spe < 1:
-            raise ValueError(f"data.train has {len(train_set)} items: too few for one step of batch_size {bs} x "
-                             f"accum_steps {accum} x {d.world_size} process(es)")
-        total_steps = spe * int(cfg["epochs"])
-        warmup = int(cfg["warmup_steps"]) if cfg["warmup_steps"] is not None else round(float(cfg["warmup_epochs"]) * spe)
+            raise RecipeError("recipe key 'data.train' must give exactly one dataset spec {type: ..., ...}"
+                              if not specs else f"data.train: one training set expected, got {list(specs)}")
+        self.train_set = build_dataset(next(iter(specs.values())), "data.train")
+        self.val_specs = dataset_specs(self.recipe, "val")
+        self.bs, self.accum = int(cfg["batch_size"]), int(cfg["accum_steps"])
+        self.sampler = distributed.ShardedSampler(len(self.train_set), shuffle=True, seed=int(cfg["seed"]))
+        self.spe = self.sampler.full_length() // self.bs // self.accum  # optimizer steps per epoch
+        if self.spe < 1:
+            raise RecipeError(f"data.train has {len(self.train_set)} items: too few for one step of batch_size "
+                              f"{self.bs} x accum_steps {self.accum} x {d.world_size} process(es)")
+        self.total_steps = self.spe * int(cfg["epochs"])
+        self.warmup = int(cfg["warmup_steps"]) if cfg["warmup_steps"] is not None \
+            else round(float(cfg["warmup_epochs"]) * self.spe)
+        for key in ("max_nonfinite_fraction", "max_skipped_fraction"):
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise RecipeError(f"recipe key 'train.{key}' must be a fraction in [0, 1], got {value!r}")
+        if bool(cfg["distributed"]["fsdp"]) and d.enabled and self.resume is not None:
+            raise RecipeError("--resume with train.distributed.fsdp is not supported yet (the optimizer state is "
+                              "sharded); resume with DDP or start from the weights")
 
+    def _claim_output_dir(self) -> None:
+        """Rank 0 claims the run directory (lock, leftovers, no foreign run); every rank fails alike."""
+        resume = self.resume
+        outside = resume is not None and str(resume) != "auto" and not _inside(Path(resume), self.output_dir)
+        error = None
+        if self.dist.is_main:
+            try:
+                self.lock = claim_run_dir(self.output_dir, new_run=resume is None or outside)
+            except RunDirError as err:
+                error = err
+        message = distributed.gather_objects(str(error) if error else None)[0]
+        if error is not None:
+            raise error
+        if message:
+            raise RunDirError(message)
+
+    def _setup_model(self) -> None:
+        cfg, d = self.cfg, self.dist
         model = self.build_model()
         self.model = model  # the trained model (unwrapped), for callers and tests
-        heads = model.heads
-        fsdp = bool(cfg["distributed"]["fsdp"]) and d.enabled
-        if fsdp and self.resume is not None:
-            raise ValueError("--resume with train.distributed.fsdp is not supported yet (the optimizer state is "
-                             "sharded); resume with DDP or start from the weights")
-        if fsdp:  # FSDP replaces the parameters by sharded ones: wrap first, then build the optimizer over them
-            net = distributed.wrap(model, self.device, True, cfg["distributed"]["find_unused_parameters"])
-        optimizer = build_optimizer(model, cfg, d.world_size)
-        lr = peak_lr(cfg, d.world_size)
-        scheduler = WarmupCosine(optimizer, lr, total_steps, warmup, cfg["min_lr"], cfg["warmup_lr"], cfg["schedule"])
-        scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["precision"] == "fp16")
-        mixup = Mixup(cfg["mixup"], {h: head.num_classes for h, head in heads.items()}, cfg["mixup_prob"],
-                      seed=int(cfg["seed"]) + 7919 * d.rank,
-                      multilabel=[h for h, head in heads.items() if getattr(head, "multilabel", False)])
+        self.heads = model.heads
+        check_labels(self.train_set, self.heads, "data.train")
+        self.fsdp = bool(cfg["distributed"]["fsdp"]) and d.enabled
+        if self.fsdp:  # FSDP replaces the parameters by sharded ones: wrap first, then build the optimizer over them
+            self.net = distributed.wrap(model, self.device, True, cfg["distributed"]["find_unused_parameters"])
+        try:
+            self.optimizer = build_optimizer(model, cfg, d.world_size)
+        except ValueError as err:
+            raise RecipeError(str(err)) from err
+        self.lr = peak_lr(cfg, d.world_size)
+        self.scheduler = WarmupCosine(self.optimizer, self.lr, self.total_steps, self.warmup, cfg["min_lr"],
+                                      cfg["warmup_lr"], cfg["schedule"])
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["precision"] == "fp16")
+        heads = self.heads
+        self.mixup = Mixup(cfg["mixup"], {h: head.num_classes for h, head in heads.items()}, cfg["mixup_prob"],
+                           seed=int(cfg["seed"]) + 7919 * d.rank,
+                           multilabel=[h for h, head in heads.items() if getattr(head, "multilabel", False)])
         ck = cfg["checkpoint"]
-        manager = CheckpointManager(self.output_dir, ck["keep_last"], ck["mode"])
+        self.manager = CheckpointManager(self.output_dir, ck["keep_last"], ck["mode"])
 
-        step, best, saved_rng = 0, None, None
-        history: list[dict[str, Any]] = []
-        resume_from = self._resume_path(manager)
+    def _restore(self) -> None:
+        """Load the checkpoint to resume from (if any), then align the run directory with its step."""
+        d = self.dist
+        self.step, self.saved_rng, self.tally = 0, None, EpochTally()
+        self.run_id = new_run_id()
+        resume_from = self._resume_path(self.manager)
         if resume_from is not None:
-            meta = load_weights(model, resume_from)
+            load_weights(self.model, resume_from)
             state_tensors = read_tensors(state_path(resume_from))
             state = read_meta(state_path(resume_from))["state"]
-            optimizer_from_flat(optimizer, state_tensors, state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            optimizer_from_flat(self.optimizer, state_tensors, state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            mixup.load_state_dict(state["mixup"][d.rank] if d.rank < len(state["mixup"]) else state["mixup"][0])
-            step = int(state["step"])
-            best = state.get("best")
-            manager.best = best
-            saved_rng = ({k.split("/", 1)[1]: v for k, v in state_tensors.items()
-                          if k.startswith(f"rank{d.rank}/")}, state["rng"][d.rank] if d.rank < len(state["rng"]) else {})
-            if not saved_rng[0]:
-                saved_rng = None
-            del meta
-        torch.manual_seed(int(cfg["seed"]) + d.rank)
+                self.scaler.load_state_dict(state["scaler"])
+            self.mixup.load_state_dict(state["mixup"][d.rank] if d.rank < len(state["mixup"]) else state["mixup"][0])
+            self.step = int(state["step"])
+            self.manager.best = state.get("best")
+            self.run_id = state.get("run_id")  # None: written before run ids; every step checkpoint counts
+            if self.step % self.spe:
+                self.tally = EpochTally.from_state(state_tensors, state.get("tally"))
+            saved = ({k.split("/", 1)[1]: v for k, v in state_tensors.items() if k.startswith(f"rank{d.rank}/")},
+                     state["rng"][d.rank] if d.rank < len(state["rng"]) else {})
+            self.saved_rng = saved if saved[0] else None
+        self.manager.run_id = self.run_id
+        if d.is_main and self.resume is not None:
+            if resume_from is not None and _inside(resume_from, self.output_dir):
+                moved = self.manager.supersede(self.step)
+                if moved:
+                    self._early_log(f"resuming from step {self.step}: {len(moved)} later checkpoint(s) of an "
+                                    f"abandoned continuation moved to {moved[0].parent}")
+            self._truncate_metrics(self.step)
+        torch.manual_seed(int(self.cfg["seed"]) + d.rank)
 
-        if not fsdp:
-            net = distributed.wrap(model, self.device, False, cfg["distributed"]["find_unused_parameters"])
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        max_steps = cfg["max_steps"]
-        val_loaders = eval_loaders(val_specs, int(self.eval_cfg["batch_size"]), int(self.eval_cfg["num_workers"]),
-                                   int(cfg["seed"])) if val_specs and cfg["eval_every"] else {}
-        eval_precision = self.eval_cfg["precision"] or cfg["precision"]
-        action = cfg["action"]
-        loader = make_loader(train_set, bs, sampler, int(cfg["num_workers"]), int(cfg["seed"]), drop_last=True)
+    def _setup_loop(self) -> None:
+        cfg = self.cfg
+        if not self.fsdp:
+            self.net = distributed.wrap(self.model, self.device, False, cfg["distributed"]["find_unused_parameters"])
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.val_loaders = eval_loaders(self.val_specs, int(self.eval_cfg["batch_size"]),
+                                        int(self.eval_cfg["num_workers"]), int(cfg["seed"])) \
+            if self.val_specs and cfg["eval_every"] else {}
+        self.loader = make_loader(self.train_set, self.bs, self.sampler, int(cfg["num_workers"]), int(cfg["seed"]),
+                                  drop_last=True)
+        self.reporter = Reporter(self.total_steps, f"train {self.recipe.get('name') or ''}".strip(),
+                                 enabled=self.dist.is_main, live=self.progress, console=self.console,
+                                 completed=self.step)
+        self.result = TrainResult("finished", self.step, self.step // self.spe, output_dir=self.output_dir)
+        self.losses: list[float] = []
+        self.metrics: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+        self.skipped_items = self.skipped_steps = 0
+        self._skip_example: tuple[str, str] | None = None
+        self._ctrl_c: str | None = None
 
-        reporter = Reporter(total_steps, f"train {self.recipe.get('name') or ''}".strip(), enabled=d.is_main,
-                            live=self.progress, console=self.console, completed=step)
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        result = TrainResult("finished", step, step // spe, output_dir=self.output_dir)
-        losses: list[float] = []
-        metrics: dict[str, float] = {}
-        skipped_items = skipped_steps = 0
-        t0 = time.perf_counter()
+    # -- the loop -----------------------------------------------------------------------------------
 
-        def save(current_step: int, epoch_metrics: Mapping[str, float] | None = None) -> Path | None:
-            weights = model_tensors(model, ck["trainable_only"], distributed.full_state_dict(net))
-            # FSDP: each rank holds a shard of the optimizer state; only DDP / single-process runs save it
-            opt_tensors, opt_meta = optimizer_to_flat(optimizer) if not fsdp else ({}, {"param_groups": [], "scalars": {}})
-            rngs = distributed.gather_objects(rng_state())
-            mixups = distributed.gather_objects(mixup.state_dict())
-            if not d.is_main:
-                distributed.barrier()
-                return None
-            tensors = dict(opt_tensors)
-            for r, (rt, _) in enumerate(rngs):
-                tensors.update({f"rank{r}/{k}": v for k, v in rt.items()})
-            state = {"step": current_step, "epoch": current_step // spe, "steps_per_epoch": spe,
-                     "world_size": d.world_size, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else None, "mixup": mixups,
-                     "rng": [rm for _, rm in rngs], "best": manager.best}
-            meta = model_meta(model, self.recipe, int(cfg["seed"]), ck["trainable_only"], step=current_step,
-                              epoch=current_step // spe, metrics=dict(epoch_metrics or {}))
-            path = manager.save(current_step, weights, meta, tensors, state)
-            distributed.barrier()
-            return path
-
+    def fit(self) -> TrainResult:
+        self._setup_data()
+        self._claim_output_dir()
         try:
-            start_epoch = step // spe
-            for epoch in range(start_epoch, int(cfg["epochs"])):
-                first = step - epoch * spe
-                sampler.set_epoch(epoch, start=first * accum * bs)
-                if isinstance(getattr(loader, "generator", None), torch.Generator):  # worker seeds: f(seed, epoch)
-                    loader.generator.manual_seed(int(cfg["seed"]) * 100_003 + epoch)
-                batches = iter(loader)
-                if saved_rng is not None:  # after the iterator drew its base seed, as in the uninterrupted run
-                    set_rng_state(*saved_rng)
-                    saved_rng = None
-                net.train()
-                stop_reason = None
-                for _ in range(first, spe):
-                    if max_steps is not None and step >= int(max_steps):
-                        stop_reason = "max_steps"
-                        break
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_sum, items = 0.0, 0
-                    for micro in range(accum):
-                        batch = next(batches)
-                        skipped = batch.get("skipped") or []
-                        if skipped and d.is_main:
-                            for path, reason in skipped[:3]:
-                                reporter.log(f"[yellow]skipped {path}: {reason}")
-                        skipped_items += len(skipped)
-                        inputs, targets = to_device(batch, self.device)
-                        n = batch_size_of(batch)
-                        items += n
-                        sync = micro == accum - 1 or not hasattr(net, "no_sync")
-                        ctx = net.no_sync() if not sync else contextlib.nullcontext()
-                        with ctx:
-                            if n == 0:  # every clip undecodable: a zero loss keeps the ranks in step
-                                loss = sum(p.sum() * 0.0 for p in trainable)
-                            else:
-                                inputs, soft, _ = mixup(inputs, targets)
-                                with autocast(self.device, cfg["precision"]):
-                                    logits = net(inputs)
-                                loss, _ = total_loss(heads, {k: v.float() for k, v in logits.items()}, soft,
-                                                     cfg["loss_weights"] or None)
-                            scaler.scale(loss / accum).backward()
-                        loss_sum += float(loss.detach())
-                    bad = not math.isfinite(loss_sum)
-                    total, n_bad, n_stop, n_items = distributed.all_reduce_sum(
-                        [0.0 if bad else loss_sum, float(bad), float(self._stop_signal), float(items)])
-                    step_loss = total / accum / max(d.world_size - n_bad, 1) if n_bad < d.world_size else math.nan
-                    if n_bad:
-                        if cfg["nonfinite"] == "stop":
-                            raise NonFiniteLossError(
-                                f"non-finite loss ({loss_sum}) at step {step + 1} (epoch {epoch + 1}); set "
-                                "train.nonfinite=skip to drop such steps, or lower the lr / use fp32")
-                        optimizer.zero_grad(set_to_none=True)
-                        skipped_steps += 1
-                        step_loss = math.nan
-                        reporter.log(f"[yellow]step {step + 1}: non-finite loss, update skipped")
-                    else:
-                        if cfg["clip_grad"] is not None:
-                            scaler.unscale_(optimizer)
-                            if hasattr(net, "clip_grad_norm_"):
-                                net.clip_grad_norm_(float(cfg["clip_grad"]))
-                            else:
-                                torch.nn.utils.clip_grad_norm_(trainable, float(cfg["clip_grad"]))
-                        scaler.step(optimizer)
-                        scaler.update()
-                    current_lr = scheduler.lr_at(step)
-                    scheduler.step()
-                    step += 1
-                    losses.append(step_loss)
-                    reporter.update(1, clips=int(n_items), epoch=f"{epoch + 1}/{cfg['epochs']}", loss=step_loss,
-                                    lr=current_lr)
-                    if not reporter.live and (step % int(cfg["log_every"]) == 0 or step == 1):
-                        reporter.log(f"step {step}/{total_steps} epoch {epoch + 1}/{cfg['epochs']} loss {step_loss:.4f} "
-                                     f"lr {current_lr:.3g} {reporter.speed():.1f} clips/s")
-                    if n_stop:
-                        stop_reason = "interrupted"
-                        break
-                    if ck["every_steps"] and step % int(ck["every_steps"]) == 0 and step % spe:
-                        result.checkpoint = save(step) or result.checkpoint
-                if stop_reason is not None:
-                    result.status = stop_reason
-                    result.checkpoint = save(step) or result.checkpoint
-                    if stop_reason == "interrupted":
-                        reporter.log(f"SIGTERM: checkpoint written at step {step}; resume with --resume")
-                    break
-                # end of epoch: validate, log, checkpoint
-                metrics = {}
-                done = epoch + 1
-                if val_loaders and (done % int(cfg["eval_every"]) == 0 or done == int(cfg["epochs"])):
-                    metrics = evaluate_sets(net if cfg["distributed"]["fsdp"] else model, val_loaders, self.device,
-                                            eval_precision, action, tuple(self.eval_cfg["ks"]))
-                finite = [x for x in losses[-spe:] if x == x]
-                row = {"epoch": done, "step": step, "train/loss": sum(finite) / len(finite) if finite else math.nan,
-                       "lr": scheduler.lr_at(max(step - 1, 0)), **{f"val/{k}": v for k, v in metrics.items()}}
-                history.append(row)
-                if d.is_main:
-                    self._write_metrics(row)
-                    reporter.log("epoch {}: ".format(done) + ", ".join(
-                        f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step") and isinstance(v, float)))
-                monitor = ck["monitor"] or default_monitor(metrics)
-                if ck["keep_best"] and monitor and monitor in metrics and manager.is_better(metrics[monitor]):
-                    weights = model_tensors(model, ck["trainable_only"], distributed.full_state_dict(net))
-                    if d.is_main:
-                        manager.save_best(metrics[monitor], weights, model_meta(
-                            model, self.recipe, int(cfg["seed"]), ck["trainable_only"], step=step, epoch=done,
-                            metrics=metrics, monitor=monitor))
-                    else:
-                        manager.best = metrics[monitor]
-                if (ck["every_epochs"] and done % int(ck["every_epochs"]) == 0) or done == int(cfg["epochs"]):
-                    result.checkpoint = save(step, metrics) or result.checkpoint
+            self._setup_model()
+            self._restore()
+            self._setup_loop()
+            t0 = time.perf_counter()
+            self._train()
+            self._summary(time.perf_counter() - t0)
         finally:
-            reporter.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-        result.step, result.epoch, result.losses, result.metrics = step, step // spe, losses, metrics
-        result.skipped_steps, result.skipped_items = skipped_steps, skipped_items
-        elapsed = time.perf_counter() - t0
+            if self.lock is not None:
+                self.lock.release()
+        if self._ctrl_c:
+            raise KeyboardInterrupt(self._ctrl_c)
+        return self.result
+
+    def _train(self) -> None:
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm),
+                        signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint)}
+        try:
+            for epoch in range(self.step // self.spe, int(self.cfg["epochs"])):
+                if self._run_epoch(epoch):
+                    break
+        except KeyboardInterrupt:  # not between steps (the handler's flag), e.g. a second Ctrl-C
+            self._raw_interrupt()
+        finally:
+            self.reporter.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._phase = "other"
+
+    def _epoch_batches(self, epoch: int, first: int) -> Iterator[Any]:
+        cfg = self.cfg
+        self.sampler.set_epoch(epoch, start=first * self.accum * self.bs)
+        if isinstance(getattr(self.loader, "generator", None), torch.Generator):  # worker seeds: f(seed, epoch)
+            self.loader.generator.manual_seed(int(cfg["seed"]) * 100_003 + epoch)
+        batches = iter(self.loader)
+        if self.saved_rng is not None:  # after the iterator drew its base seed, as in the uninterrupted run
+            set_rng_state(*self.saved_rng)
+            self.saved_rng = None
+        return batches
+
+    def _run_epoch(self, epoch: int) -> bool:
+        """One epoch (or its rest, resuming); True when the run stops before its end."""
+        cfg, ck = self.cfg, self.cfg["checkpoint"]
+        first = self.step - epoch * self.spe
+        if first == 0:
+            self.tally = EpochTally()
+        batches = self._epoch_batches(epoch, first)
+        self.net.train()
+        stop_reason = None
+        for _ in range(first, self.spe):
+            if cfg["max_steps"] is not None and self.step >= int(cfg["max_steps"]):
+                stop_reason = "max_steps"
+                break
+            stop_reason = self._step(epoch, batches)
+            if stop_reason is not None:
+                break
+            if ck["every_steps"] and self.step % int(ck["every_steps"]) == 0 and self.step % self.spe:
+                self.result.checkpoint = self._save(self.step) or self.result.checkpoint
+        if stop_reason is None:
+            self._end_epoch(epoch)
+            return False
+        if stop_reason == "max_steps":
+            self._check_skipped(epoch, end=True)
+        self.result.status = "interrupted" if stop_reason == "ctrl-c" else stop_reason
+        self.result.checkpoint = self._save(self.step) or self.result.checkpoint
+        if stop_reason == "interrupted":
+            self.reporter.log(f"SIGTERM: checkpoint written at step {self.step}; resume with --resume")
+        elif stop_reason == "ctrl-c":
+            self._ctrl_c = (f"interrupted (Ctrl-C) at step {self.step}: checkpoint {self.result.checkpoint} written; "
+                            "continue with --resume")
+        return True
+
+    def _step(self, epoch: int, batches: Iterator[Any]) -> str | None:
+        """One optimizer step; returns a stop reason (``interrupted``: SIGTERM, ``ctrl-c``) or None."""
+        cfg, d = self.cfg, self.dist
+        self._snapshot = None if d.enabled else (rng_state(), self.mixup.state_dict())  # for a mid-step Ctrl-C
+        self._phase = "step"
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, items, skipped = self._micro_batches(batches)
+        bad = not math.isfinite(loss_sum)
+        total, n_bad, n_term, n_int, n_items, n_skipped = distributed.all_reduce_sum(
+            [0.0 if bad else loss_sum, float(bad), float(self._stop_signal), float(self._interrupt), float(items),
+             float(skipped)])
+        step_loss = total / self.accum / max(d.world_size - n_bad, 1) if n_bad < d.world_size else math.nan
+        self._phase = "update"
+        if n_bad:
+            step_loss = self._skip_update(loss_sum, epoch)
+        else:
+            self._update()
+        current_lr = self.scheduler.lr_at(self.step)
+        self.scheduler.step()
+        self.step += 1
+        self._phase = "other"
+        self.losses.append(step_loss)
+        tally = self.tally
+        tally.losses.append(step_loss)
+        tally.clips += int(n_items + n_skipped)
+        tally.skipped += int(n_skipped)
+        self._log_step(epoch, step_loss, current_lr, int(n_items))
+        if n_bad and tally.nonfinite > float(cfg["max_nonfinite_fraction"]) * self.spe:
+            raise NonFiniteLossError(
+                f"{tally.nonfinite} of the {self.spe} steps of epoch {epoch + 1} had a non-finite loss and were "
+                f"skipped (more than train.max_nonfinite_fraction={cfg['max_nonfinite_fraction']}), the last at "
+                f"step {self.step}; lower the lr or use fp32")
+        self._check_skipped(epoch)
+        return "interrupted" if n_term else "ctrl-c" if n_int else None
+
+    def _micro_batches(self, batches: Iterator[Any]) -> tuple[float, int, int]:
+        """Forward and backward of ``accum_steps`` micro-batches; (summed loss, clips, skipped clips)."""
+        cfg, d = self.cfg, self.dist
+        net, accum = self.net, self.accum
+        loss_sum, items, skipped_here = 0.0, 0, 0
+        for micro in range(accum):
+            batch = next(batches)
+            skipped = batch.get("skipped") or []
+            if skipped:
+                self._skip_example = tuple(skipped[0])
+                if d.is_main:
+                    for path, reason in skipped[:3]:
+                        self.reporter.log(f"[yellow]skipped {path}: {reason}")
+            self.skipped_items += len(skipped)
+            skipped_here += len(skipped)
+            inputs, targets = to_device(batch, self.device)
+            n = batch_size_of(batch)
+            items += n
+            sync = micro == accum - 1 or not hasattr(net, "no_sync")
+            ctx = net.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                if n == 0:  # every clip undecodable: a zero loss keeps the ranks in step
+                    loss = sum(p.sum() * 0.0 for p in self.trainable)
+                else:
+                    inputs, soft, _ = self.mixup(inputs, targets)
+                    with autocast(self.device, cfg["precision"]):
+                        logits = net(inputs)
+                    loss, _ = total_loss(self.heads, {k: v.float() for k, v in logits.items()}, soft,
+                                         cfg["loss_weights"] or None)
+                self.scaler.scale(loss / accum).backward()
+            loss_sum += float(loss.detach())
+        return loss_sum, items, skipped_here
+
+    def _skip_update(self, loss_sum: float, epoch: int) -> float:
+        """A non-finite loss on some rank: stop (``nonfinite: stop``) or drop this step's update."""
+        if self.cfg["nonfinite"] == "stop":
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss_sum}) at step {self.step + 1} (epoch {epoch + 1}); set "
+                "train.nonfinite=skip to drop such steps, or lower the lr / use fp32")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.tally.nonfinite += 1
+        self.reporter.log(f"[yellow]step {self.step + 1}: non-finite loss, update skipped")
+        return math.nan
+
+    def _update(self) -> None:
+        cfg, net, optimizer, scaler = self.cfg, self.net, self.optimizer, self.scaler
+        if cfg["clip_grad"] is not None:
+            scaler.unscale_(optimizer)
+            if hasattr(net, "clip_grad_norm_"):
+                net.clip_grad_norm_(float(cfg["clip_grad"]))
+            else:
+                torch.nn.utils.clip_grad_norm_(self.trainable, float(cfg["clip_grad"]))
+        scaler.step(optimizer)
+        scaler.update()
+
+    def _log_step(self, epoch: int, step_loss: float, current_lr: float, clips: int) -> None:
+        cfg, reporter = self.cfg, self.reporter
+        reporter.update(1, clips=clips, epoch=f"{epoch + 1}/{cfg['epochs']}", loss=step_loss, lr=current_lr)
+        if not reporter.live and (self.step % int(cfg["log_every"]) == 0 or self.step == 1):
+            reporter.log(f"step {self.step}/{self.total_steps} epoch {epoch + 1}/{cfg['epochs']} loss {step_loss:.4f} "
+                         f"lr {current_lr:.3g} {reporter.speed():.1f} clips/s")
+
+    def _check_skipped(self, epoch: int, end: bool = False) -> None:
+        """Too many undecodable clips in this epoch: more than ``max_skipped_fraction`` of its clips, or
+        (at its end) every clip it gave."""
+        tally, frac = self.tally, float(self.cfg["max_skipped_fraction"])
+        per_epoch = self.spe * self.accum * self.bs * self.dist.world_size
+        every = end and tally.clips > 0 and tally.skipped >= tally.clips
+        if not every and tally.skipped <= frac * per_epoch:
+            return
+        example = f"; e.g. {self._skip_example[0]}: {self._skip_example[1]}" if self._skip_example else ""
+        what = (f"every one of the {tally.clips} clips" if every else
+                f"{tally.skipped} of the {per_epoch} clips (more than train.max_skipped_fraction={frac})")
+        raise DataError(f"data.train: {what} of epoch {epoch + 1} failed to decode{example}; check the files "
+                        "and the manifest")
+
+    def _raw_interrupt(self) -> None:
+        """A KeyboardInterrupt inside a step: checkpoint the last finished step if nothing of the step's
+        update has happened (the step-start snapshot of the RNG and mixup states is then exact)."""
+        saved = None
+        if self._phase == "step" and self._snapshot is not None:
+            saved = self._save(self.step, snapshot=self._snapshot)
+        if saved is not None:
+            self._ctrl_c = f"interrupted (Ctrl-C) at step {self.step}: checkpoint {saved} written; continue with --resume"
+        else:
+            latest = self.manager.latest() if self.dist.is_main else None
+            self._ctrl_c = (f"interrupted (Ctrl-C) during step {self.step + 1}: no checkpoint written; the last one "
+                            f"is {latest or '(none)'}")
+        self.result.status = "interrupted"
+        self.result.checkpoint = saved or self.result.checkpoint
+
+    def _end_epoch(self, epoch: int) -> None:
+        """Validate, log the epoch's row, keep the best weights, checkpoint."""
+        cfg, ck, d = self.cfg, self.cfg["checkpoint"], self.dist
+        self._check_skipped(epoch, end=True)
+        metrics: dict[str, float] = {}
+        done = epoch + 1
+        if self.val_loaders and (done % int(cfg["eval_every"]) == 0 or done == int(cfg["epochs"])):
+            metrics = evaluate_sets(self.net if cfg["distributed"]["fsdp"] else self.model, self.val_loaders,
+                                    self.device, self.eval_cfg["precision"] or cfg["precision"], cfg["action"],
+                                    tuple(self.eval_cfg["ks"]))
+        row = {"epoch": done, "step": self.step, "train/loss": self.tally.mean_loss(),
+               "lr": self.scheduler.lr_at(max(self.step - 1, 0)), **{f"val/{k}": v for k, v in metrics.items()}}
+        self.history.append(row)
         if d.is_main:
-            rows = {"status": result.status, "steps": f"{step}/{total_steps}", "epochs": f"{step / spe:.2f}",
-                    "time (s)": elapsed, "clips/s": reporter.speed(),
+            self._write_metrics(row)
+            self.reporter.log("epoch {}: ".format(done) + ", ".join(
+                f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step") and isinstance(v, float)))
+        monitor = ck["monitor"] or default_monitor(metrics)
+        if ck["keep_best"] and monitor and monitor in metrics and self.manager.is_better(metrics[monitor]):
+            weights = model_tensors(self.model, ck["trainable_only"], distributed.full_state_dict(self.net))
+            if d.is_main:
+                self.manager.save_best(metrics[monitor], weights, model_meta(
+                    self.model, self.recipe, int(cfg["seed"]), ck["trainable_only"], step=self.step, epoch=done,
+                    metrics=metrics, monitor=monitor))
+            else:
+                self.manager.best = metrics[monitor]
+        if (ck["every_epochs"] and done % int(ck["every_epochs"]) == 0) or done == int(cfg["epochs"]):
+            self.result.checkpoint = self._save(self.step, metrics) or self.result.checkpoint
+        self.metrics = metrics
+
+    def _save(self, current_step: int, epoch_metrics: Mapping[str, float] | None = None,
+              snapshot: Any = None) -> Path | None:
+        """Checkpoint ``current_step`` (rank 0 writes; RNG / mixup states of every rank, or ``snapshot``)."""
+        cfg, ck, d, spe = self.cfg, self.cfg["checkpoint"], self.dist, self.spe
+        weights = model_tensors(self.model, ck["trainable_only"], distributed.full_state_dict(self.net))
+        # FSDP: each rank holds a shard of the optimizer state; only DDP / single-process runs save it
+        opt_tensors, opt_meta = optimizer_to_flat(self.optimizer) if not self.fsdp \
+            else ({}, {"param_groups": [], "scalars": {}})
+        rngs = [snapshot[0]] if snapshot is not None else distributed.gather_objects(rng_state())
+        mixups = [snapshot[1]] if snapshot is not None else distributed.gather_objects(self.mixup.state_dict())
+        if not d.is_main:
+            distributed.barrier()
+            return None
+        tensors = dict(opt_tensors)
+        for r, (rt, _) in enumerate(rngs):
+            tensors.update({f"rank{r}/{k}": v for k, v in rt.items()})
+        tally_tensors, tally_meta = self.tally.state()
+        tensors.update(tally_tensors)
+        state = {"step": current_step, "epoch": current_step // spe, "steps_per_epoch": spe,
+                 "world_size": d.world_size, "optimizer": opt_meta, "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "mixup": mixups,
+                 "rng": [rm for _, rm in rngs], "best": self.manager.best, "tally": tally_meta}
+        meta = model_meta(self.model, self.recipe, int(cfg["seed"]), ck["trainable_only"], step=current_step,
+                          epoch=current_step // spe, metrics=dict(epoch_metrics or {}))
+        path = self.manager.save(current_step, weights, meta, tensors, state)
+        distributed.barrier()
+        return path
+
+    def _summary(self, elapsed: float) -> None:
+        result, step, spe, losses, manager = self.result, self.step, self.spe, self.losses, self.manager
+        result.step, result.epoch, result.losses, result.metrics = step, step // spe, losses, self.metrics
+        result.skipped_steps, result.skipped_items = self.skipped_steps, self.skipped_items
+        if self.dist.is_main:
+            rows = {"status": result.status, "steps": f"{step}/{self.total_steps}", "epochs": f"{step / spe:.2f}",
+                    "time (s)": elapsed, "clips/s": self.reporter.speed(),
                     "last loss": next((x for x in reversed(losses) if x == x), math.nan),
-                    "peak lr": lr, "skipped steps": skipped_steps, "skipped clips": skipped_items,
-                    **{k: v for k, v in metrics.items()}, "best": manager.best if manager.best is not None else "-",
+                    "peak lr": self.lr, "skipped steps": self.skipped_steps, "skipped clips": self.skipped_items,
+                    **{k: v for k, v in self.metrics.items()}, "best": manager.best if manager.best is not None else "-",
                     "checkpoint": str(result.checkpoint) if result.checkpoint else "-"}
-            reporter.table(f"Training summary ({self.output_dir})", rows)
-        return result
+            self.reporter.table(f"Training summary ({self.output_dir})", rows)
+
+    # -- metrics files ------------------------------------------------------------------------------
+
+    def _early_log(self, message: str) -> None:
+        from rich.console import Console
+
+        (self.console or Console()).print(message, highlight=False)
 
     def _write_metrics(self, row: Mapping[str, Any]) -> None:
         """Append ``row`` to ``metrics.jsonl`` and rewrite ``metrics.csv`` (columns: union of all rows)."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         jsonl = self.output_dir / "metrics.jsonl"
-        with open(jsonl, "a") as f:
-            f.write(json.dumps(dict(row)) + "\n")
-        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        try:
+            with open(jsonl, "a") as f:
+                f.write(json.dumps(dict(row)) + "\n")
+            self._write_csv([json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()])
+        except OSError as err:
+            raise RunDirError(f"cannot write the metrics of {self.output_dir}: {describe_os_error(err)}") from err
+
+    def _write_csv(self, rows: list[dict[str, Any]]) -> None:
         columns: list[str] = []
         for r in rows:
             columns.extend(k for k in r if k not in columns)
-        with open(self.output_dir / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(self.output_dir / "metrics.csv", buf.getvalue().encode())
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop the rows after ``step`` from ``metrics.jsonl`` (written by a run killed before the
+        checkpoint that follows them, or by an abandoned continuation) and rewrite ``metrics.csv``."""
+        jsonl = self.output_dir / "metrics.jsonl"
+        if not jsonl.is_file():
+            return
+        lines = [line for line in jsonl.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in lines:
+            with contextlib.suppress(ValueError):  # a line cut by a kill is dropped too
+                rows.append(json.loads(line))
+        kept = [r for r in rows if isinstance(r, dict) and int(r.get("step", 0)) <= step]
+        if len(kept) == len(lines):
+            return
+        atomic_write_bytes(jsonl, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        self._write_csv(kept)
 
 
 def train(recipe: Any, overrides: Iterable[str] = (), output_dir: str | Path | None = None,
           resume: str | Path | None = None, progress: bool | None = None, console: Any = None) -> TrainResult:
-    """Load ``recipe`` (path, name or mapping) with dotlist ``overrides`` and train it."""
+    """Load ``recipe`` (path, name or mapping) with dotlist ``overrides`` and train it.
+
+    ``resume``: ``None`` (a fresh run; ``output_dir`` must not hold another run), ``"auto"`` (continue
+    the run of ``output_dir`` from its latest checkpoint, or start fresh when there is none) or a
+    checkpoint path. Ctrl-C writes a checkpoint and raises ``KeyboardInterrupt`` with a one-line message.
+    """
     from fusionkit.recipes import load_recipe
 
     return Trainer(load_recipe(recipe, list(overrides)), output_dir, resume, progress, console).fit()
