@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from fusionkit import converters, describe
-    from fusionkit.engine import commands
+    from fusionkit.engine import ablate, commands
 
-    for module in (describe, converters, commands):
+    for module in (describe, converters, commands, ablate):
         module.add_command(sub)
     return parser
 

@@ -174,7 +174,7 @@ def test_round_trip_through_the_registered_dataset(tmp_path):
         item = ds[i]
         assert {h: int(v) for h, v in item["labels"].items()} == {"motion": lab["motion"], "sound": lab["sound"]}
         torch.testing.assert_close(trained[i]["video"], item["video"], rtol=0, atol=0)  # train: no crop, no shift
-        video = (item["video"] * 0.5 + 0.5).mul(255).round().permute(1, 2, 3, 0).numpy().astype(int)
+        video = (item["video"] * 0.5).mul(255).round().permute(1, 2, 3, 0).numpy().astype(int)
         assert video.shape == frames.shape
         chroma = np.stack([av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p")
                            .to_ndarray(format="rgb24") for f in frames]).astype(int)

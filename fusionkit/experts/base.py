@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from fusionkit.attention import TokenLayout
 
-POOL_MODES = ("cls", "extras", "avg")
+POOL_MODES = ("cls", "extras", "avg", "max")
 
 
 class Tokens(NamedTuple):
@@ -121,6 +121,8 @@ class Expert(nn.Module):
         extras, patches = tokens.layout.split(tokens.x)
         if mode == "avg":
             feat = patches.mean(dim=(1, 2))
+        elif mode == "max":
+            feat = patches.amax(dim=(1, 2))
         elif tokens.layout.extras == 0:
             raise ValueError(f"pool mode {mode!r} needs extra tokens but {type(self).__name__} has none "
                              f"({tokens.layout}); use 'avg'")

@@ -33,6 +33,7 @@ Recipe (UCF-101, four modalities)::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -122,6 +123,8 @@ class MMViTStream(SharedExpert):
         num_frames: ``T`` of the temporal position embedding.
         pool: pooling mode (default ``avg``: these streams have no CLS).
         frozen: freeze the embedding (default ``False``: MM-ViT trains it).
+        frontend: ``{type: <registered frontend>, ...}`` turning the batch's modality into the stream's
+            input first (e.g. ``spectrogram_image`` for audio as images); ``None``: the input as it is.
 
     Parameters (``D`` the owner's width, ``P`` its patch size, ``N`` its patches per frame):
     ``patch_embed`` ``(D, C, P, P)`` + ``(D,)`` and ``pos_embed`` ``(N, D)``, or ``proj`` ``(D, F)`` +
@@ -129,8 +132,9 @@ class MMViTStream(SharedExpert):
     """
 
     def __init__(self, expert: Expert, modality: str, channels: int | None = None, features: int | None = None,
-                 num_frames: int = 8, pool: str = "avg", frozen: bool = False) -> None:
-        super().__init__(expert, modality, frontend=None, pool=pool)
+                 num_frames: int = 8, pool: str = "avg", frozen: bool = False,
+                 frontend: Mapping[str, Any] | nn.Module | None = None) -> None:
+        super().__init__(expert, modality, frontend=frontend, pool=pool)
         if (channels is None) == (features is None):
             raise ValueError(f"mmvit_stream ({modality}): give exactly one of channels (a visual modality) or "
                              f"features (a per-time-step vector), got channels={channels}, features={features}")
@@ -152,7 +156,8 @@ class MMViTStream(SharedExpert):
                 p.requires_grad_(False)
 
     def embed(self, inputs: Tensor) -> Tokens:
-        """``(B, C, T, H, W)`` or ``(B, T, F)`` to ``(B, T·N, D)`` tokens on the owner's grid."""
+        """``(B, C, T, H, W)`` or ``(B, T, F)`` (after ``frontend``) to ``(B, T·N, D)`` tokens on the owner's grid."""
+        inputs = self.frontend(inputs)
         h, w = self.grid
         what = f"mmvit_stream ({self.modality})"
         if self.channels is not None:

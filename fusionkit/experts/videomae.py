@@ -170,6 +170,7 @@ class VideoMAEViT(Expert):
         init_values: layer-scale init (``None``: no layer scale).
         drop_path: stochastic depth at the last block (linear from 0 over the blocks).
         frozen: freeze every parameter (default).
+        pool: clip feature of the heads: ``avg`` (VideoMAE's mean pooling, default) or ``max``.
 
     Tokens: ``(B, T'·N, D)`` time-major (``b (t n) d``), ``T' = T / tubelet``, no extras; window
     ``global``.
@@ -179,12 +180,12 @@ class VideoMAEViT(Expert):
                  embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
                  mlp_ratio: float = 4.0, img_size: int = 224, num_frames: int = 16, tubelet_size: int = 2,
                  patch_size: int = 16, init_values: float | None = None, drop_path: float = 0.0,
-                 frozen: bool = True, modality: str = "video") -> None:
+                 frozen: bool = True, modality: str = "video", pool: str = "avg") -> None:
         if size not in SIZES:
             raise ValueError(f"unknown VideoMAE size {size!r}; valid: {', '.join(SIZES)}")
         if pretrained is not None and not is_local_file(pretrained):
             require_online(pretrained, "videomae_vit")
-        super().__init__(modality, "avg")
+        super().__init__(modality, pool)
         dim, depth, num_heads = (given or preset for given, preset in zip((embed_dim, depth, num_heads), SIZES[size]))
         if img_size % patch_size or num_frames % tubelet_size:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size} and num_frames "

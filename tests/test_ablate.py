@@ -1,0 +1,135 @@
+"""``fusionkit ablate``: a reduced ablation end to end through the CLI (generated MP4 files), its
+reports, resume (finished runs skipped), pre-training stages and the ablation file's validation."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusionkit.cli import main
+from fusionkit.engine.ablate import family, load_ablation, variant_recipe
+from fusionkit.recipes import RecipeError, load_recipe
+
+TRAIN = {"type": "binding", "kind": "binding", "split": "train", "count": 24, "seed": 0, "train": True,
+         "progress": False}
+TEST = {"type": "binding", "kind": "binding", "split": "test", "count": 12, "seed": 0, "progress": False}
+BUDGET = {"epochs": 1, "batch_size": 8, "lr": 0.002, "warmup_epochs": 0.0, "num_workers": 0, "eval_every": 0,
+          "action": None, "log_every": 1, "layer_decay": 1.0, "checkpoint": {"keep_best": False}}
+
+
+def ablation_file(folder: Path, data_root: Path, **extra) -> Path:
+    spec = {"name": "mini", "recipe": "binding/late_concat", "seeds": [0],
+            "variants": {"identity": "binding/identity", "bca": "binding/bca"},
+            "data": {"train": {**TRAIN, "root": str(data_root)}, "test": {**TEST, "root": str(data_root)}},
+            "train": BUDGET, "eval": {"batch_size": 12, "num_workers": 0}, **extra}
+    path = folder / "mini.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("binding-data")
+
+
+def test_reduced_ablation_through_the_cli_writes_the_reports_and_resumes(tmp_path, data_root, capsys):
+    path, out = ablation_file(tmp_path, data_root), tmp_path / "out"
+    assert main(["ablate", str(path), "--output-dir", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "Ablation mini" in text and "results.png" in text
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in rows] == [("identity", 0), ("bca", 0)]
+    identity, bca = rows
+    assert identity["heads"] == ["motion", "sound"] and bca["heads"] == ["motion"]
+    assert identity["operator"] == "identity" and bca["operator"] == "bca"
+    assert bca["params_trainable"] > identity["params_trainable"] > 0 and bca["gflops"] > 0
+    for r in rows:
+        assert r["steps"] == 3 and r["train_s"] > 0
+        assert r["metrics"]["num_samples"] == 12
+        assert r["headline"] == pytest.approx(sum(r["metrics"][f"{h}/top1"] for h in r["heads"]) / len(r["heads"]))
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [t["variant"] for t in table] == ["identity", "bca"] and "motion/top1" in table[0]
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a rerun skips both finished runs (no training: the result files stay as they were)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed0/result.json")}
+    (out / "bca" / "seed0" / "result.json").unlink()  # as if bca had been interrupted after training
+    assert main(["ablate", str(path), "--output-dir", str(out), "--no-progress"]) == 0
+    assert (out / "identity" / "seed0" / "result.json").stat().st_mtime_ns == stamps[out / "identity/seed0/result.json"]
+    again = json.loads((out / "results.json").read_text())
+    assert again[0] == identity and again[1]["metrics"] == bca["metrics"]  # resumed at the end: same model
+    assert again[1]["steps"] == 3
+
+
+def test_seeds_override_and_variant_forms(tmp_path, data_root):
+    path = ablation_file(tmp_path, data_root)
+    ab = load_ablation(path, ["seeds=[0,1,2]", "variants.r25=fusion.bca.ratio=0.25", "variants.identity=false"])
+    assert ab.seeds == [0, 1, 2]
+    assert [v.name for v in ab.variants] == ["bca", "r25"]
+    assert ab.variants[1].recipe == "binding/late_concat" and ab.variants[1].overrides == ["fusion.bca.ratio=0.25"]
+    bca = load_ablation(path, ["recipe=binding/bca", "variants.r25=fusion.bca.ratio=0.25"])
+    recipe = variant_recipe(bca, bca.variants[-1], seed=1)
+    assert recipe["fusion"]["bca"]["ratio"] == 0.25 and recipe["train"]["seed"] == 1
+    assert recipe["train"]["batch_size"] == 8 and recipe["data"]["train"]["count"] == 24  # the shared budget
+    assert family(load_recipe("binding/late_concat")) == "late"
+    assert family(load_recipe("binding/ensemble")) == "ensemble"
+    assert family(load_recipe("binding/identity")) == "identity"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seeds=[0,0]", "seeds"),
+    ("variants.bca=binding/no_such_recipe", "no_such_recipe"),
+    ("variants.bca.overrides=[fusion.bca.ratoi=0.5]", "ratio"),
+    ("traing.epochs=1", "train"),
+    ("feature_cache=-1", "feature_cache"),
+])
+def test_bad_ablation_files_fail_before_training(tmp_path, data_root, capsys, override, message):
+    path, out = ablation_file(tmp_path, data_root), tmp_path / "out"
+    if override.startswith("variants.bca.overrides"):
+        spec = yaml.safe_load(path.read_text())
+        spec["variants"]["bca"] = {"recipe": "binding/bca", "overrides": ["fusion.bca.ratoi=0.5"]}
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        override = "seeds=[0]"
+    assert main(["ablate", str(path), override, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert not (out / "identity").exists()  # nothing trained
+
+
+def test_missing_ablation_file(tmp_path, capsys):
+    assert main(["ablate", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_unknown_stage_expert_fails(tmp_path, data_root):
+    path = ablation_file(tmp_path, data_root, pretrain={"s": {"recipe": "binding/pretrain_spatial", "expert": "x"}})
+    with pytest.raises(RecipeError, match="'x' is not an expert"):
+        from fusionkit.engine.ablate import describe_variants
+
+        describe_variants(load_ablation(path))
+
+
+@pytest.mark.slow
+def test_pretraining_stage_exports_the_expert_into_the_variants(tmp_path, data_root):
+    from safetensors.torch import load_file
+
+    import fusionkit
+    from fusionkit.engine.ablate import run_ablation
+
+    small = [f"data.train.root={data_root}", f"data.val.root={data_root}", "data.train.count=16",
+             "data.val.count=8", "train.epochs=1", "train.batch_size=8", "data.train.progress=false",
+             "data.val.progress=false"]
+    path = ablation_file(tmp_path, data_root, pretrain={"spatial": {"recipe": "binding/pretrain_spatial",
+                                                                    "expert": "spatial", "overrides": small}})
+    rows = run_ablation(path, ["variants.bca=false"], tmp_path / "out", progress=False)
+    exported = load_file(str(tmp_path / "out" / "pretrain" / "spatial" / "expert.safetensors"))
+    built = fusionkit.build("binding/identity", [f"experts.spatial.weights={tmp_path / 'out/pretrain/spatial/expert.safetensors'}"])
+    for k, v in built.experts["spatial"].state_dict().items():
+        assert (v == exported[k]).all(), k
+    assert [r["variant"] for r in rows] == ["identity"]
+    recipe = json.loads((tmp_path / "out" / "identity" / "seed0" / "result.json").read_text())
+    assert recipe["variant"] == "identity"
