@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# the main job: every fusion operator family on the embedded binding benchmark (docs/results.md)
 demo: $(STAMP)
-	$(VENV)/bin/fusionkit demo
+	$(VENV)/bin/fusionkit ablate recipes/ablations/binding.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"

@@ -374,3 +374,33 @@ def test_load_inputs_for_predict(media_dir):
     import fusionkit.data as data
 
     assert callable(data.collate) and callable(data.load_inputs) and callable(data.build_loader)
+
+
+def test_decoded_cache_decodes_each_clip_once_and_keeps_its_arrays_intact(media_dir, monkeypatch):
+    from fusionkit.data import decode, memo
+
+    memo.clear()
+    calls = {"frames": 0, "audio": 0}
+    real_frames, real_audio = decode.read_frames, decode.read_audio
+
+    def count(kind, fn):
+        def wrapped(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(decode, "read_frames", count("frames", real_frames))
+    monkeypatch.setattr(decode, "read_audio", count("audio", real_audio))
+    rows = ["../media/stereo44k.mp4,0.0,1.0,0"]
+    plain = dataset(media_dir, rows, name="memo.csv", frames=4, stride=2, modalities=["video", "audio"])
+    cached = dataset(media_dir, rows, name="memo.csv", frames=4, stride=2, modalities=["video", "audio"],
+                     decoded_cache_gb=0.1)
+    first = cached[0]
+    first["video"].add_(100.0)   # callers may change their items in place: the memory must not see it
+    first["audio"].zero_()
+    second, third, ref = cached[0], cached[0], plain[0]
+    assert calls == {"frames": 2, "audio": 2}  # one decode for the cached dataset, one for the plain one
+    for item in (second, third):
+        torch.testing.assert_close(item["video"], ref["video"], rtol=0, atol=0)
+        torch.testing.assert_close(item["audio"], ref["audio"], rtol=0, atol=0)
+    memo.clear()

@@ -339,7 +339,7 @@ def run_ablation(ablation: Ablation | str | Path, overrides: Iterable[str] = (),
     for stage in ablation.stages:
         weights[stage.expert] = run_stage(stage, directory, console, progress)
     cache = fc.FeatureCache(ablation.feature_cache_gb) if ablation.feature_cache_gb else None
-    runs = [(v, s) for v in ablation.variants for s in ablation.seeds]
+    runs = [(v, s) for s in ablation.seeds for v in ablation.variants]  # seed-major: a whole table early
     rows, t0, fresh = [], time.perf_counter(), 0
     for k, (variant, seed) in enumerate(runs, 1):
         finished = (directory / variant.name / f"seed{seed}" / "result.json").is_file()
