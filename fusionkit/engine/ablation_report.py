@@ -1,4 +1,4 @@
-"""The reports of an ablation: a rich table, ``results.json`` / ``results.csv`` and ``results.png``.
+"""The reports of an ablation: a rich table, ``results.json`` / ``results.csv`` / ``results.md`` and ``results.png``.
 
 Input: result rows, one per variant × seed (``variant``, ``seed``, ``operator``, ``params_trainable``,
 ``gflops``, ``train_s``, ``heads``, ``headline``, ``metrics`` {name: value}). Per variant the table shows
@@ -69,6 +69,20 @@ def table(summary: Sequence[Mapping[str, Any]], title: str) -> Any:
     return t
 
 
+def markdown(summary: Sequence[Mapping[str, Any]], title: str) -> str:
+    """The table as GitHub markdown (for docs/): the same columns as :func:`table`."""
+    heads = head_columns(summary)
+    columns = ["variant", "operator", "trainable", "GFLOPs", "train s", "headline", *heads]
+    lines = [f"**{title}**", "", "| " + " | ".join(columns) + " |",
+             "|" + "|".join(["---"] * 2 + ["---:"] * (len(columns) - 2)) + "|"]
+    for e in summary:
+        cells = [e["variant"], e["operator"], f"{e['params_trainable']:,}", f"{e['gflops']:.3f}",
+                 f"{statistics.fmean(e['train_s']):.0f}", _cell(e["values"]["headline"]),
+                 *(_cell(e["values"].get(h)) for h in heads)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
     metric_names = sorted({k for r in rows for k in r["metrics"]})
     columns = ["variant", "seed", "operator", "params_trainable", "gflops", "train_s", "headline", *metric_names]
@@ -113,13 +127,15 @@ def plot(summary: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
 
 
 def write_reports(rows: Sequence[Mapping[str, Any]], directory: Path, name: str, console: Any) -> dict[str, Path]:
-    """Print the table and write ``results.json``, ``results.csv`` and ``results.png`` into ``directory``."""
+    """Print the table and write ``results.json``, ``results.csv``, ``results.md`` (the table in markdown)
+    and ``results.png`` into ``directory``."""
     seeds = sorted({r["seed"] for r in rows})
     title = f"Ablation {name}: top-1 (%) on data.test, mean ± std over seeds {seeds}"
     summary = summarise(rows)
     console.print(table(summary, title))
-    paths = {"json": directory / "results.json", "csv": directory / "results.csv", "png": directory / "results.png"}
+    paths = {name: directory / f"results.{name}" for name in ("json", "csv", "png", "md")}
     atomic_write_bytes(paths["json"], (json.dumps(list(rows), indent=2) + "\n").encode())
+    atomic_write_bytes(paths["md"], markdown(summary, title).encode())
     atomic_write_bytes(paths["csv"], _csv(rows).encode())
     plot(summary, paths["png"], title)
     return paths
