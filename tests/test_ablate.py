@@ -14,9 +14,9 @@ from fusionkit.cli import main
 from fusionkit.engine.ablate import family, load_ablation, variant_recipe
 from fusionkit.recipes import RecipeError, load_recipe
 
-TRAIN = {"type": "binding", "kind": "binding", "split": "train", "count": 24, "seed": 0, "train": True,
+TRAIN = {"type": "binding", "kind": "binding", "split": "train", "count": 16, "seed": 0, "train": True,
          "progress": False}
-TEST = {"type": "binding", "kind": "binding", "split": "test", "count": 12, "seed": 0, "progress": False}
+TEST = {"type": "binding", "kind": "binding", "split": "test", "count": 8, "seed": 0, "progress": False}
 BUDGET = {"epochs": 1, "batch_size": 8, "lr": 0.002, "warmup_epochs": 0.0, "num_workers": 0, "eval_every": 0,
           "action": None, "log_every": 1, "layer_decay": 1.0, "checkpoint": {"keep_best": False}}
 
@@ -25,7 +25,7 @@ def ablation_file(folder: Path, data_root: Path, **extra) -> Path:
     spec = {"name": "mini", "recipe": "binding/late_concat", "seeds": [0],
             "variants": {"identity": "binding/identity", "bca": "binding/bca"},
             "data": {"train": {**TRAIN, "root": str(data_root)}, "test": {**TEST, "root": str(data_root)}},
-            "train": BUDGET, "eval": {"batch_size": 12, "num_workers": 0}, **extra}
+            "train": BUDGET, "eval": {"batch_size": 8, "num_workers": 0}, **extra}
     path = folder / "mini.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -36,6 +36,7 @@ def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("binding-data")
 
 
+@pytest.mark.slow  # about 12 s on 2 cores: two variants built, trained, evaluated, then run again
 def test_reduced_ablation_through_the_cli_writes_the_reports_and_resumes(tmp_path, data_root, capsys):
     path, out = ablation_file(tmp_path, data_root), tmp_path / "out"
     assert main(["ablate", str(path), "--output-dir", str(out), "--no-progress"]) == 0
@@ -48,8 +49,8 @@ def test_reduced_ablation_through_the_cli_writes_the_reports_and_resumes(tmp_pat
     assert identity["operator"] == "identity" and bca["operator"] == "bca"
     assert bca["params_trainable"] > identity["params_trainable"] > 0 and bca["gflops"] > 0
     for r in rows:
-        assert r["steps"] == 3 and r["train_s"] > 0
-        assert r["metrics"]["num_samples"] == 12
+        assert r["steps"] == 2 and r["train_s"] > 0
+        assert r["metrics"]["num_samples"] == 8
         assert r["headline"] == pytest.approx(sum(r["metrics"][f"{h}/top1"] for h in r["heads"]) / len(r["heads"]))
     with open(out / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
@@ -62,7 +63,7 @@ def test_reduced_ablation_through_the_cli_writes_the_reports_and_resumes(tmp_pat
     assert (out / "identity" / "seed0" / "result.json").stat().st_mtime_ns == stamps[out / "identity/seed0/result.json"]
     again = json.loads((out / "results.json").read_text())
     assert again[0] == identity and again[1]["metrics"] == bca["metrics"]  # resumed at the end: same model
-    assert again[1]["steps"] == 3
+    assert again[1]["steps"] == 2
 
 
 def test_seeds_override_and_variant_forms(tmp_path, data_root):
@@ -74,7 +75,7 @@ def test_seeds_override_and_variant_forms(tmp_path, data_root):
     bca = load_ablation(path, ["recipe=binding/bca", "variants.r25=fusion.bca.ratio=0.25"])
     recipe = variant_recipe(bca, bca.variants[-1], seed=1)
     assert recipe["fusion"]["bca"]["ratio"] == 0.25 and recipe["train"]["seed"] == 1
-    assert recipe["train"]["batch_size"] == 8 and recipe["data"]["train"]["count"] == 24  # the shared budget
+    assert recipe["train"]["batch_size"] == 8 and recipe["data"]["train"]["count"] == 16  # the shared budget
     assert family(load_recipe("binding/late_concat")) == "late"
     assert family(load_recipe("binding/ensemble")) == "ensemble"
     assert family(load_recipe("binding/identity")) == "identity"

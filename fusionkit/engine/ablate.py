@@ -330,6 +330,7 @@ def run_ablation(ablation: Ablation | str | Path, overrides: Iterable[str] = (),
     from fusionkit.engine.ablation_report import write_reports
 
     console = console or Console(width=None if Console().is_terminal else 150)
+    started = time.perf_counter()
     if not isinstance(ablation, Ablation):
         ablation = load_ablation(ablation, overrides)
     directory = Path(output_dir or ablation.output_dir or Path("runs") / "ablations" / ablation.name)
@@ -355,7 +356,8 @@ def run_ablation(ablation: Ablation | str | Path, overrides: Iterable[str] = (),
         console.print(f"frozen-feature cache: {stats['entries']:.0f} entries, {stats['gb']:.2f} GB, "
                       f"hit rate {stats['hit_rate']:.0%}")
     paths = write_reports(rows, directory, ablation.name, console)
-    console.print(f"results: {paths['json']}, {paths['csv']}; plot: [bold]{paths['png']}[/]")
+    console.print(f"wall time of this call: {_clock(time.perf_counter() - started)}; results: {paths['json']}, "
+                  f"{paths['csv']}, {paths['md']}; plot: [bold]{paths['png']}[/]")
     return rows
 
 
