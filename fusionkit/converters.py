@@ -373,22 +373,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    # a ConvertError (a FusionkitError) or an OSError goes through the CLI's one error path
+    # (fusionkit.cli.run_command: one line on stderr, exit status 2)
+    conv = get_converter(args.name)
+    sd = read_checkpoint(args.input)
+    if args.ignore:
+        sd = {k: v for k, v in sd.items() if not any(fnmatch.fnmatchcase(k, p) for p in args.ignore)}
+    out = (conv.export if args.export else conv.convert)(sd)
+    save_safetensors(out, args.output, {"format": "pt", "fusionkit_converter": conv.name,
+                                        "direction": "export" if args.export else "convert",
+                                        "source": Path(args.input).name})
+    what = conv.describe(out)
     console = Console()
-    try:
-        conv = get_converter(args.name)
-        sd = read_checkpoint(args.input)
-        if args.ignore:
-            sd = {k: v for k, v in sd.items() if not any(fnmatch.fnmatchcase(k, p) for p in args.ignore)}
-        out = (conv.export if args.export else conv.convert)(sd)
-        save_safetensors(out, args.output, {"format": "pt", "fusionkit_converter": conv.name,
-                                            "direction": "export" if args.export else "convert",
-                                            "source": Path(args.input).name})
-        what = conv.describe(out)
-    except ConvertError as err:
-        from rich.markup import escape
-
-        Console(stderr=True).print(f"[bold red]convert failed:[/] {escape(str(err))}", highlight=False)
-        return 1
     table = Table(title=f"fusionkit convert {conv.name}{' --export' if args.export else ''}",
                   title_justify="left", show_header=False)
     table.add_column(style="bold cyan", no_wrap=True)

@@ -8,6 +8,7 @@ import csv
 import os
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 import fusionkit  # noqa: F401 - registers the built-ins
@@ -178,3 +179,24 @@ def test_error_families_keep_their_builtin_bases():
                       (CheckpointError, RuntimeError), (RunDirError, RuntimeError), (PretrainedError, RuntimeError),
                       (NonFiniteLossError, FloatingPointError)):
         assert issubclass(cls, FusionkitError) and issubclass(cls, base), cls
+
+
+def test_convert_bad_inputs_take_the_one_error_path(capsys, tmp_path):
+    # missing file, junk bytes, unknown converter, a state dict of the wrong layout (a multi-line
+    # message listing keys): each one line, exit 2, and no output file left behind
+    out = tmp_path / "out.safetensors"
+    missing = tmp_path / "nope.pth"
+    one_error(capsys, ["convert", "cast-official", str(missing), str(out)], str(missing), "does not exist")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(os.urandom(256))
+    one_error(capsys, ["convert", "cast-official", str(junk), str(out)], str(junk), "cannot read weights")
+    one_error(capsys, ["convert", "cast-offical", str(junk), str(out)], "unknown converter 'cast-offical'",
+              "cast-official")
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"head_verb.weight": torch.zeros(2, 2), "head_noun.weight": torch.zeros(2, 2),
+               "blocks.0.clip_ln_1.weight": torch.zeros(2), "blocks.0.clip_ln_1.wieght": torch.zeros(2)},
+              str(wrong))
+    line = one_error(capsys, ["convert", "cast-official", str(wrong), str(out)], "cast-official",
+                     "missing keys", "blocks.0.clip_ln_1.wieght")
+    assert "unknown keys" in line and "; " in line   # the key listing, joined onto one line
+    assert not out.exists()
