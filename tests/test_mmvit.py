@@ -15,6 +15,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange, reduce, repeat
 from torch import nn
 
 from fusionkit.attention import TokenLayout, use_backend
@@ -130,9 +131,9 @@ def check_step(step: str, see: torch.Tensor, cls_keys: list[torch.Tensor], **op)
     mm, x, layouts, layers = op_inputs(model)
     if mm.variant == "IV":  # the convolutions are tested on their own
         with torch.no_grad():
-            for conv in (mm.conv_time, mm.conv_space):
-                conv.weight.zero_()
-                conv.bias.zero_()
+            for axis in mm.convs:
+                getattr(mm, f"conv_{axis}").weight.zero_()
+                getattr(mm, f"conv_{axis}").bias.zero_()
     layer = layers["iframe"]
     if step in ("S", "J"):
         norm, attn, post = layer.norm1, layer.attn, None
@@ -194,6 +195,65 @@ def test_iv_local_windows():
     same_block = block[:, None] == block[None, :]
     check_step("S", SAME_S & SAME_T & same_block | KEY_CLS & OWNER,
                [m & OWN & (block == b) | IS_CLS for m in AT_T for b in range(4)], variant="IV")
+    # TimeSformer's reading: the CLS neither attends nor is attended in the temporal step (zero update)
+    check_step("T", SAME_S & SAME_P & same_block_t, [], variant="IV", time_extras=False)
+
+
+def test_time_extras_false_leaves_the_cls_out_of_temporal_attention():
+    check_step("T", SAME_S & SAME_P, [], time_extras=False)
+    check_step("T", SAME_P, [], variant="II", time_extras=False)
+    check_step("S", SAME_S & SAME_T | KEY_CLS & OWNER, [m & OWN for m in AT_T], time_extras=False)  # space keeps it
+
+
+def mha(x: torch.Tensor, attn: nn.Module) -> torch.Tensor:
+    """Eager multi-head self-attention ``(B', S, D) -> (B', S, D)`` with ``attn``'s fused qkv and projection."""
+    q, k, v = rearrange(F.linear(x, attn.qkv.weight, attn.qkv.bias), "b s (three h e) -> three b h s e", three=3,
+                        h=attn.num_heads)
+    weights = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+    return F.linear(rearrange(weights @ v, "b h s e -> b s (h e)"), attn.proj.weight, attn.proj.bias)
+
+
+def timesformer_layer(x: torch.Tensor, layer: nn.Module, time: nn.Module) -> torch.Tensor:
+    """TimeSformer's divided space-time layer (its official ``Block``, written out): ``(B, 1 + T·N, D)``.
+
+    Temporal attention over the patches only (the CLS neither attends nor is attended), through the
+    temporal FC; spatial attention per frame with the CLS replicated into every frame and its outputs
+    averaged; then the MLP."""
+    cls, p = x[:, :1], x[:, 1:]
+    xt = rearrange(p, "b (t n) d -> (b n) t d", t=T)
+    p = p + rearrange(time.fc(mha(time.norm(xt), time.attn)), "(b n) t d -> b (t n) d", b=B)
+    xs = torch.cat([repeat(cls, "b 1 d -> (b t) 1 d", t=T), rearrange(p, "b (t n) d -> (b t) n d", t=T)], dim=1)
+    res = mha(layer.norm1(xs), layer.attn)
+    x = torch.cat([cls + reduce(res[:, :1], "(b t) 1 d -> b 1 d", "mean", t=T),
+                   p + rearrange(res[:, 1:], "(b t) n d -> b (t n) d", t=T)], dim=1)
+    return x + layer.mlp(layer.norm2(x))
+
+
+@pytest.mark.parametrize("time_extras", [False, True])
+def test_one_stream_ii_is_timesformer_divided_attention(time_extras):
+    """One ``mmvit_vit`` stream with variant II = TimeSformer's divided space-time attention exactly when
+    ``time_extras=False``; the old behaviour (CLS in every temporal window) differs from it."""
+    recipe = {"inputs": {"video": [3, T, 32, 32]},
+              "experts": {"video": {"type": "mmvit_vit", "name": "vit_base_patch16_224", "img_size": 32,
+                                    "patch_size": 8, "embed_dim": DIM, "depth": 2, "num_heads": 2, "num_frames": T,
+                                    "frozen": False}},
+              "fusion": {"mmvit": {"type": "mmvit", "experts": ["video"], "variant": "II", "heads": 2,
+                                   "time_extras": time_extras}},
+              "heads": {"action": {"type": "linear", "expert": "video", "pool": "cls", "classes": 5}}}
+    torch.manual_seed(0)
+    model = randomize(build_from_config(load_recipe(recipe))).eval()
+    video = batch()["iframe"]
+    with use_backend("eager"):
+        got = model.forward_tokens({"video": video})["video"].x
+    expert = model.experts["video"]
+    want = model.embed({"video": video})["video"].x
+    for i, layer in enumerate(expert.layers):
+        want = timesformer_layer(want, layer, model.fusions.mmvit[str(i)].time)
+    want = expert.final_norm(want)
+    if time_extras:
+        assert not torch.allclose(got, want, atol=1e-3)
+    else:
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 def test_shift_merge_exchanges_value_chunks_by_hand():
@@ -212,7 +272,7 @@ def test_shift_merge_exchanges_value_chunks_by_hand():
 
 
 def test_iv_convolutions_by_hand():
-    model = tiny(variant="IV")
+    model = tiny(variant="IV", convs=["time", "space"])
     mm, x, layouts, _ = op_inputs(model)
     frames, rows = mm.frames, mm.rows
     assert (frames, rows, mm.cols) == (T // 2, GRID // 2, GRID // 2)
@@ -339,6 +399,7 @@ def test_two_transformer_experts_default_options():
     ("fusion.mmvit.order=TMM", "permutation of 'TMS'"),
     ("fusion.mmvit.cross=sum", "unknown cross 'sum'"),
     ("fusion.mmvit.window_frames=2", "variant IV only"),
+    ("fusion.mmvit.convs=[space]", "variant IV only"),
 ])
 def test_option_errors(override, message):
     assert tiny(order="T=>M=>S").fusions.mmvit["0"].order == "TMS"
@@ -346,11 +407,16 @@ def test_option_errors(override, message):
         build_from_config(load_recipe(tiny_recipe(), [override]))
     with pytest.raises(RecipeError, match="variants III and IV only"):
         build_from_config(load_recipe(tiny_recipe(variant="II", cross="co")))
+    with pytest.raises(RecipeError, match="time_extras applies to the temporal step"):
+        build_from_config(load_recipe(tiny_recipe(variant="I", time_extras=False)))
+    with pytest.raises(RecipeError, match="convs must list distinct axes"):
+        build_from_config(load_recipe(tiny_recipe(variant="IV", convs=["space", "depth"])))
 
 
-def op_params(variant: str, cross: str | None = None) -> int:
+def op_params(variant: str, cross: str | None = None, **options) -> int:
     layout = {e: TokenLayout(8, 14, 14, 1 if e == "iframe" else 0) for e in STREAMS}
-    op = MMViT(experts=list(STREAMS), dims={e: 768 for e in STREAMS}, layouts=layout, variant=variant, cross=cross)
+    op = MMViT(experts=list(STREAMS), dims={e: 768 for e in STREAMS}, layouts=layout, variant=variant, cross=cross,
+               **options)
     return sum(p.numel() for p in op.parameters())
 
 
@@ -369,11 +435,30 @@ def test_table1_parameter_deltas_at_vit_base():
     assert abs(count[("IV", "merged")] - count[("III", "merged")] - 0.46e6) < 0.1e6
 
 
+def test_iv_default_is_the_papers_one_depthwise_spatial_convolution():
+    """Table 1: IV − III = 0.46M: one depthwise 7×7 convolution with bias per layer, 12·768·50 = 460,800;
+    the two-convolution form (7×7 after space, 4 after time) is an option (506,880)."""
+    d = 768
+    iii = 12 * op_params("III", "merged")
+    assert 12 * op_params("IV", "merged") - iii == 12 * d * (7 * 7 + 1) == 460_800
+    assert 12 * op_params("IV", "merged", convs=["time", "space"]) - iii == 12 * d * (7 * 7 + 1 + 4 + 1) == 506_880
+    assert 12 * op_params("IV", "merged", convs=[]) == iii
+
+
 def test_full_size_mmvit_iii_merged_matches_table1():
     model = build("mmvit_iii_merged")
     total = sum(p.numel() for p in model.parameters())
     assert abs(total - PAPER["mmvit_iii_merged"]) / PAPER["mmvit_iii_merged"] < 0.005
     assert all(p.requires_grad for p in model.parameters())  # MM-ViT fine-tunes everything
+
+
+@pytest.mark.slow  # two ViT-B builds, 3-6 s each on 2 cores
+def test_full_size_mmvit_iv_adds_exactly_the_papers_convolution():
+    models = {r: build(r) for r in ("mmvit_iii_merged", "mmvit_iv")}
+    total = {r: sum(p.numel() for p in m.parameters()) for r, m in models.items()}
+    assert total["mmvit_iv"] - total["mmvit_iii_merged"] == 460_800  # paper: 158.60M − 158.14M
+    conv = models["mmvit_iv"].fusions.mmvit["0"].conv_space
+    assert (conv.weight.shape, conv.groups) == ((768, 1, 7, 7), 768) and conv.bias is not None
 
 
 @pytest.mark.slow  # each ViT-B build takes 3-6 s on 2 cores; III merged is built above without the mark

@@ -14,7 +14,8 @@ ragged      an explicit partition of the stored sequence into consecutive runs o
 
 Extras that a window cannot place in a single sequence (extras per clip in space/time/local
 windows, per-frame extras in a local window narrower than the frame) are replicated into each
-sequence that may see them and their outputs are averaged (TimeSformer's convention).
+sequence that may see them and their outputs are averaged (as TimeSformer's spatial step treats
+its CLS).
 ``extras=False`` leaves them out entirely: they neither attend nor are attended, and their output
 is zero (cross-attention between experts whose extras have no partner, e.g. CLIP's CLS).
 

@@ -16,9 +16,9 @@ II        ``T``: at its location p, across time *and all streams* (new weights),
           ``S``: in its frame t, across space *and all streams* (the layer's weights) (eq. 9-11)
 III       ``T``: time within its stream (new), ``M``: cross-modal at its (p, t) (new), ``S``: space
           within its stream (the layer's weights), in ``order`` (default ``TMS``, eq. 12-15)
-IV        III in local windows (``F = T/2`` frames, ``M = N/4`` patches as ``H/2 × W/2``) with a
-          depthwise convolution (kernel = window, stride 1) after the temporal and the spatial
-          attention
+IV        III in local windows (``F = T/2`` frames, ``M = N/4`` patches as ``H/2 × W/2``) and "a
+          convolution layer after the temporal and spatial attention" (kernel = window, stride 1):
+          by default one depthwise spatial convolution after the spatial attention (``convs``)
 ========  ==========================================================================================
 
 Cross-modal step (III / IV, ``cross``):
@@ -34,19 +34,27 @@ projection) and ``fc`` (TimeSformer's temporal FC, zero at init so that the pret
 unchanged at init): ``5·(d² + d) + 2d`` parameters per layer; ``shift`` keeps ``W_V``, the output
 projection and ``fc`` (``3·(d² + d) + 2d``). Both replace nothing: the layer's own ``norm1`` / ``attn``
 / ``ls1`` / ``drop_path1`` serve the joint (I) and spatial (II–IV) steps. The IV convolutions are
-zero-initialised residual branches over the patch grid (``conv_time`` ``(D, 1, F)``, ``conv_space``
-``(D, 1, rows, cols)``, one weight per channel, with biases), shared by all streams.
+zero-initialised residual branches over the patch grid, one weight per channel with a bias, shared
+by all streams: ``conv_space`` ``(D, 1, rows, cols)`` after the spatial attention and, with
+``convs: [time, space]``, ``conv_time`` ``(D, 1, F)`` after the temporal one. The paper's count
+decides the default: Table 1 gives IV 0.46M more than III, and one depthwise 7×7 convolution with
+bias per layer is ``12 · 768 · (49 + 1) = 460,800`` exactly (both convolutions: 506,880).
 
-Extra tokens (the clip's CLS) take part as fusionkit's windows place them: a per-clip CLS is
-replicated into every time / space / local window of its own stream (outputs averaged, TimeSformer's
-convention) and into every cross-stream window of I / II; it has no (p, t) and is left out of the
-cross-modal step (its update there is zero). All attention goes through
+Extra tokens (the clip's CLS) in the spatial step (and I's joint step) are replicated into every
+frame's (local) window of their stream and their outputs averaged: TimeSformer's divided attention.
+In the temporal step TimeSformer leaves the CLS out (it neither attends nor is attended, its update
+is zero): ``time_extras: false``, what the paper recipes (``recipes/mmvit_*.yaml``) set. The
+operator's default, ``time_extras: true``, replicates it into every temporal window of its stream
+(II: every cross-stream temporal window) and averages, fusionkit's earlier reading, kept as the
+default so that recipes measured with it keep their behaviour. The CLS has no (p, t) and is left out
+of the cross-modal step (its update there is zero). All attention goes through
 :func:`fusionkit.attention.windowed`: built-in windows on each stream, and :class:`StreamWindow`
 (sequences built from a built-in window over every stream) for the steps across streams.
 
 Options: ``variant`` (``I`` … ``IV``, default ``III``), ``cross`` (III / IV, default ``merged``),
 ``order`` (``TS`` / ``ST`` for II, any permutation of ``TMS`` for III / IV, Table 2), ``heads``
-(default ``D / 64``), ``window_frames`` / ``window_size`` (IV, default ``T/2`` and ``[H/2, W/2]``).
+(default ``D / 64``), ``time_extras`` (II–IV, default ``true``), ``window_frames`` / ``window_size``
+(IV, default ``T/2`` and ``[H/2, W/2]``), ``convs`` (IV, default ``[space]``).
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ from fusionkit.registry import FUSIONS
 
 VARIANTS = ("I", "II", "III", "IV")
 CROSS = ("merged", "co", "shift")
+CONV_AXES = ("time", "space")
 ROMAN = {"1": "I", "2": "II", "3": "III", "4": "IV"}
 DEFAULT_ORDER = {"I": "J", "II": "TS", "III": "TMS", "IV": "TMS"}
 POINT = Local(1, 1, 1)  # one patch at one (p, t): the cross-modal windows pair these across streams
@@ -194,8 +203,13 @@ class MMViT(FusionOp):
         order: attention order: ``TS`` / ``ST`` (II) or a permutation of ``TMS`` (III / IV, default
             ``TMS``); ``T⇒M⇒S`` style is accepted.
         heads: heads of the added attentions (default ``D / 64``, at least 1).
+        time_extras: II–IV: whether the extras (the clip's CLS) take part in the temporal step
+            (default ``True``, replicated into every temporal window; ``False``: left out, as in
+            TimeSformer).
         window_frames: IV's temporal window ``F`` (default ``T / 2``).
         window_size: IV's spatial window ``[rows, cols]`` (default ``[H / 2, W / 2]``: ``M = N / 4``).
+        convs: IV's depthwise convolutions, by the attention they follow: ``[space]`` (default, the
+            paper's 0.46M) or ``[time, space]``, or ``[]``.
         norm_eps: epsilon of the added LayerNorms.
     """
 
@@ -204,7 +218,8 @@ class MMViT(FusionOp):
     def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
                  step: int = 0, num_steps: int = 1, drop_path: float = 0.0, variant: str | int = "III",
                  cross: str | None = None, order: str | None = None, heads: int | None = None,
-                 window_frames: int | None = None, window_size: Sequence[int] | None = None,
+                 time_extras: bool | None = None, window_frames: int | None = None,
+                 window_size: Sequence[int] | None = None, convs: Sequence[str] | None = None,
                  norm_eps: float = 1e-6) -> None:
         super().__init__(experts=experts)
         variant = ROMAN.get(str(variant), str(variant).upper())
@@ -215,8 +230,14 @@ class MMViT(FusionOp):
         cross = cross or "merged"
         if cross not in CROSS:
             raise ValueError(f"mmvit: unknown cross {cross!r}; valid: {', '.join(CROSS)}")
-        if variant != "IV" and (window_frames is not None or window_size is not None):
-            raise ValueError(f"mmvit: window_frames / window_size apply to variant IV only (got variant {variant})")
+        if variant != "IV" and (window_frames is not None or window_size is not None or convs is not None):
+            raise ValueError(f"mmvit: window_frames / window_size / convs apply to variant IV only (got variant "
+                             f"{variant})")
+        if variant == "I" and time_extras is not None:
+            raise ValueError("mmvit: time_extras applies to the temporal step of variants II-IV (got variant I)")
+        convs = tuple(["space"] if convs is None else [convs] if isinstance(convs, str) else convs)
+        if any(a not in CONV_AXES for a in convs) or len(set(convs)) != len(convs):
+            raise ValueError(f"mmvit: convs must list distinct axes of {', '.join(CONV_AXES)}, got {list(convs)}")
         widths = {dims[e] for e in experts}
         if len(widths) != 1:
             raise ValueError(f"mmvit attends across streams with shared weights, so they need one width; got "
@@ -233,6 +254,7 @@ class MMViT(FusionOp):
             raise ValueError(f"mmvit: width {dim} is not divisible by heads={heads}")
         self.variant, self.cross, self.order = variant, cross, _norm_order(order, variant)
         self.dim, self.heads = dim, heads
+        self.time_extras = True if time_extras is None else bool(time_extras)
         t, h, w = next(iter(grids))
         if variant == "IV":
             self.frames = int(window_frames or max(1, t // 2))
@@ -240,13 +262,16 @@ class MMViT(FusionOp):
             self.rows, self.cols = int(rows), int(cols)
             self.time_window: Window = Local(self.frames, 1, 1)
             self.space_window: Window = Local(1, self.rows, self.cols)
-            self.conv_time = nn.Conv1d(dim, dim, self.frames, groups=dim)
-            self.conv_space = nn.Conv2d(dim, dim, (self.rows, self.cols), groups=dim)
-            for conv in (self.conv_time, self.conv_space):
-                nn.init.zeros_(conv.weight)
-                nn.init.zeros_(conv.bias)
+            if "time" in convs:
+                self.conv_time = nn.Conv1d(dim, dim, self.frames, groups=dim)
+            if "space" in convs:
+                self.conv_space = nn.Conv2d(dim, dim, (self.rows, self.cols), groups=dim)
+            for axis in convs:
+                nn.init.zeros_(getattr(self, f"conv_{axis}").weight)
+                nn.init.zeros_(getattr(self, f"conv_{axis}").bias)
         else:
             self.time_window, self.space_window = Time(), Space()
+        self.convs = convs if variant == "IV" else ()
         if variant != "I":
             self.time = FactorAttention(dim, heads, norm_eps)
         if variant in ("III", "IV"):
@@ -270,14 +295,16 @@ class MMViT(FusionOp):
         return dict(zip(self.experts, y.split([lay.length for lay in lays], dim=1)))
 
     def _within(self, fns: Mapping[str, nn.Module], h: Mapping[str, Tensor], layouts: Mapping[str, TokenLayout],
-                window: Window) -> dict[str, Tensor]:
-        """``fns[e]`` over ``window`` within every stream; streams with one module and one layout run batched."""
+                window: Window, extras: bool = True) -> dict[str, Tensor]:
+        """``fns[e]`` over ``window`` within every stream; streams with one module and one layout run batched.
+        ``extras=False`` leaves the extras out (their output is zero)."""
         groups: dict[tuple[int, TokenLayout], list[str]] = {}
         for e in self.experts:
             groups.setdefault((id(fns[e]), layouts[e]), []).append(e)
         out = {}
         for (_, layout), names in groups.items():
-            y = windowed(fns[names[0]], torch.cat([h[e] for e in names]), layout, window)
+            y = windowed(fns[names[0]], torch.cat([h[e] for e in names]), layout, window, query_extras=extras,
+                         key_extras=extras)
             out.update(zip(names, y.chunk(len(names))))
         return out
 
@@ -298,7 +325,10 @@ class MMViT(FusionOp):
         return y
 
     def _conv(self, x: dict[str, Tensor], layouts: Mapping[str, TokenLayout], axis: str) -> dict[str, Tensor]:
-        """IV: ``x + conv(x)`` over the patch grid of every stream (depthwise, kernel = window, stride 1)."""
+        """IV: ``x + conv(x)`` over the patch grid of every stream (depthwise, kernel = window, stride 1);
+        ``x`` unchanged when ``convs`` has no convolution on ``axis``."""
+        if axis not in self.convs:
+            return x
         out = {}
         for e in self.experts:
             lay = layouts[e]
@@ -330,11 +360,11 @@ class MMViT(FusionOp):
         """``T``: new attention over time, across all streams (II) or within each stream (III / IV)."""
         h = {e: self.time.norm(x[e]) for e in self.experts}
         if self.variant == "II":
-            out = self._across(self.time, h, layouts, self.time_window)
+            out = self._across(self.time, h, layouts, self.time_window, self.time_extras)
         else:
-            out = self._within({e: self.time for e in self.experts}, h, layouts, self.time_window)
+            out = self._within({e: self.time for e in self.experts}, h, layouts, self.time_window, self.time_extras)
         x = {e: x[e] + self.drop_path(out[e]) for e in self.experts}
-        return self._conv(x, layouts, "time") if self.variant == "IV" else x
+        return self._conv(x, layouts, "time")
 
     def spatial(self, x: dict[str, Tensor], layouts: Mapping[str, TokenLayout],
                 layers: Mapping[str, nn.Module]) -> dict[str, Tensor]:
@@ -346,7 +376,7 @@ class MMViT(FusionOp):
             out = self._within({e: layers[e].attn for e in self.experts},
                                {e: layers[e].norm1(x[e]) for e in self.experts}, layouts, self.space_window)
         x = {e: self._layer_update(layers[e], x[e], out[e]) for e in self.experts}
-        return self._conv(x, layouts, "space") if self.variant == "IV" else x
+        return self._conv(x, layouts, "space")
 
     def cross_modal(self, x: dict[str, Tensor], layouts: Mapping[str, TokenLayout],
                     layers: Mapping[str, nn.Module]) -> dict[str, Tensor]:
@@ -380,10 +410,12 @@ class MMViT(FusionOp):
 
     def extra_repr(self) -> str:
         out = f"variant={self.variant}, order={self.order}"
+        if self.variant != "I":
+            out += f", time_extras={self.time_extras}"
         if self.variant in ("III", "IV"):
             out += f", cross={self.cross}"
         if self.variant == "IV":
-            out += f", window=(frames={self.frames}, rows={self.rows}, cols={self.cols})"
+            out += f", window=(frames={self.frames}, rows={self.rows}, cols={self.cols}), convs={list(self.convs)}"
         return out
 
 
