@@ -4,7 +4,7 @@
 so an expert with freshly attached adapters computes exactly what it computed before.
 Attached in series on an attention output (``Block.attn_adapter``, added beside the attention
 branch) and in parallel to an MLP (``Block.mlp_adapter``, reading the MLP's normalised input,
-scaled by ``Block.mlp_adapter_scale``), as in AIM and CAST (paper 001 eq. 3–5).
+scaled by ``Block.mlp_adapter_scale``), as in AIM and CAST (CAST eq. 3–5).
 """
 
 from __future__ import annotations

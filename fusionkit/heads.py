@@ -10,7 +10,7 @@ Built-ins (constructors take keyword arguments only; ``dims`` maps expert name �
 and is filled in by the graph, the rest comes from the recipe):
 
 * ``linear``: ``Linear(D, classes)`` on one expert (CAST EK100 ``head_verb`` / ``head_noun``);
-* ``adapter_sum``: CAST's single head, ``Linear(Σ_e ADAP_e(feat_e))`` (paper 001 §3);
+* ``adapter_sum``: CAST's single head, ``Linear(Σ_e ADAP_e(feat_e))`` (CAST §3);
 * ``concat``: late fusion by concatenation, ``Linear(concat_e feat_e)``;
 * ``sum``: late fusion at the logit level, ``Σ_e Linear_e(feat_e)``;
 * ``mlp``: ``Linear → act → dropout → Linear`` on the concatenated features (LAVISH, AV-STFP).
@@ -227,7 +227,7 @@ class LinearHead(Head):
 
 @HEADS.register("adapter_sum")
 class AdapterSumHead(Head):
-    """CAST single head: sum of per-expert adapters (no skip), dropout, Linear (paper 001 §3).
+    """CAST single head: sum of per-expert adapters (no skip), dropout, Linear (CAST §3).
 
     ``Z = Σ_e ADAP_e(feat_e)``, logits ``= Linear(dropout(Z))``. Each adapter is
     ``Linear(D, D·ratio) → GELU → Linear(D·ratio, D)`` with the up-projection zero at init, so at

@@ -1,4 +1,4 @@
-"""AV-STFP (paper 004): the ``avstfp`` operator and its recipes.
+"""AV-STFP: the ``avstfp`` operator and its recipes.
 
 Tiny shared CLIP towers (64 wide, 4 heads, 2 layers, 2×2 patches + CLS per frame) with random
 non-trivial weights. Every prompting stage is compared with an independent reference written here

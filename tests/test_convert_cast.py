@@ -1,6 +1,6 @@
 """The cast-official converter: official CAST layouts (both head variants) <-> fusionkit recipes.
 
-Official state dicts are made from the reference key lists (/work/shared/reference or
+Official state dicts are made from the reference key lists (tests/data/cast_official or
 $FUSIONKIT_REFERENCE) with distinct random non-zero values in every tensor, so a tensor landing in
 the wrong place, or a zero-initialised one being skipped, shows up.
 """
@@ -18,7 +18,7 @@ import torch
 import fusionkit
 from fusionkit.converters import CONVERTERS, ConvertError, add_command, cast_variant, convert, convert_file, export
 
-REFERENCE = Path(os.environ.get("FUSIONKIT_REFERENCE", "/work/shared/reference"))
+REFERENCE = Path(os.environ.get("FUSIONKIT_REFERENCE", Path(__file__).resolve().parent / "data" / "cast_official"))
 TSV = {"ek100": "cast_official_ek100_composition.tsv", "single": "cast_official_single_head_400.tsv"}
 RECIPE = {"ek100": "cast", "single": "cast_k400"}
 NAME = "cast-official"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import open_clip
 import pytest
 import torch
@@ -15,7 +17,7 @@ from fusionkit.experts.clip_vit import ClipViT
 from fusionkit.experts.pretrained import PretrainedError
 from fusionkit.registry import EXPERTS
 
-REFERENCE = "/work/shared/reference/cast_official_ek100_composition.tsv"
+REFERENCE = Path(__file__).resolve().parent / "data" / "cast_official" / "cast_official_ek100_composition.tsv"
 TEXT = dict(context_length=4, vocab_size=16, width=16, heads=1, layers=1)
 
 

@@ -17,7 +17,7 @@ from fusionkit.experts.videomae import VideoMAEViT, convert_videomae_state_dict,
 from fusionkit.registry import EXPERTS
 
 TINY = dict(embed_dim=64, depth=2, num_heads=4, img_size=32, num_frames=4, patch_size=8)
-REFERENCE = Path("/work/shared/reference/cast_official_ek100_composition.tsv")
+REFERENCE = Path(__file__).resolve().parent / "data" / "cast_official" / "cast_official_ek100_composition.tsv"
 
 
 def tiny(**kwargs) -> VideoMAEViT:

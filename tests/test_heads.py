@@ -12,7 +12,7 @@ import fusionkit.heads  # noqa: F401 - registers the heads
 from fusionkit.heads import AdapterSumHead, Head, LinearHead, total_loss
 from fusionkit.registry import HEADS
 
-REFERENCE = Path("/work/shared/reference/cast_official_single_head_400.tsv")
+REFERENCE = Path(__file__).resolve().parent / "data" / "cast_official" / "cast_official_single_head_400.tsv"
 CAST = {"spatial": 768, "temporal": 768}
 AV = {"audio": 768, "visual": 512}
 

@@ -1,4 +1,4 @@
-"""MM-ViT streams (paper 003 §3.2): one transformer, one modality-specific embedding per modality.
+"""MM-ViT streams (MM-ViT §3.2): one transformer, one modality-specific embedding per modality.
 
 MM-ViT runs every modality of a compressed video (I-frames, motion vectors, residuals, audio)
 through *one* ViT whose weights are shared; only the embeddings are modality-specific. In

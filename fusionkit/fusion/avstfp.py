@@ -1,4 +1,4 @@
-"""``avstfp``: spatial-temporal-fusion prompting of one frozen, shared image tower (AV-STFP, paper 004).
+"""``avstfp``: spatial-temporal-fusion prompting of one frozen, shared image tower (AV-STFP).
 
 AV-STFP runs audio and video through *one* frozen CLIP vision tower (video: ``M`` frames; audio:
 ``M`` spectrogram chunks through the :class:`~fusionkit.experts.shared.SharedExpert`). Every layer
@@ -21,7 +21,7 @@ experts it joins, ``[a, v]`` (audio first, as in ``[A, P_fusion, V]``)::
 
 MHSA is always the block's frozen :class:`~fusionkit.attention.Attention` (its ``qkv`` projects
 queries, keys and values, prompts included; its ``proj`` maps the output). Decisions where the
-paper is silent (see /work/shared/specs/avstfp.md):
+paper is silent (it has no public code):
 
 * **Prompts pass through the frozen W_K / W_V** (and their biases): they are tokens of the
   attention's input, entering after LN and before the projections.
@@ -108,7 +108,7 @@ def _prompts(num: int, dim: int, std: float) -> nn.Parameter:
 
 @FUSIONS.register("avstfp")
 class AVSTFP(FusionOp):
-    """AV-STFP temporal / spatial / fusion prompting of a shared frozen tower (paper 004 eq. 1-5).
+    """AV-STFP temporal / spatial / fusion prompting of a shared frozen tower (AV-STFP eq. 1-5).
 
     Args:
         experts: the joined streams ``[audio, video]`` (the fusion sequence is ``[a, P_f, v]``);

@@ -1,6 +1,6 @@
-"""``lateral``: layer-wise bidirectional lateral connections (the "Lateral" baseline of paper 001).
+"""``lateral``: layer-wise bidirectional lateral connections (the "Lateral" baseline of CAST).
 
-Paper 001 Table 1 (b) / Figure 7 (c) and paper 000 Table IX: in every layer each expert adds the
+CAST Table 1 (b) / Figure 7 (c) and CA²ST Table IX: in every layer each expert adds the
 other expert's tokens, passed through a linear projection, element-wise to its own::
 
     Y_a' = Y_a + DropPath( Σ_{b → a} R_{b→a}(W_{b→a} · Y_b) )        W_{b→a}: D_b → D_a

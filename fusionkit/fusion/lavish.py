@@ -1,4 +1,4 @@
-"""``lavish``: latent audio-visual hybrid adapters (LAVISH, paper 002 §3.2–3.3, official-code maths).
+"""``lavish``: latent audio-visual hybrid adapters (LAVISH §3.2–3.3, official-code maths).
 
 LAVISH adapts one frozen image ViT (or Swin) shared by audio and video. Every layer gets four
 adapters, two per stream, each with its own parameters and latent tokens, added *in parallel* to
@@ -148,7 +148,7 @@ class LatentAdapter(nn.Module):
 
 @FUSIONS.register("lavish")
 class LAVISH(FusionOp):
-    """LAVISH latent audio-visual adapters in parallel to attention and MLP (paper 002 eq. 4–9).
+    """LAVISH latent audio-visual adapters in parallel to attention and MLP (LAVISH eq. 4–9).
 
     Args:
         experts, dims, layouts, step, num_steps, drop_path: given by the graph.

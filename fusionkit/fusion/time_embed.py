@@ -9,9 +9,9 @@ normalised to the clip (0 … 1):
   ``w`` belonging to group ``⌊w·G/W⌋``, so audio group ``g`` and video frame ``g`` share an interval.
 
 Extra tokens get a zero embedding (they do not take part in B-CA cross-attention).
-Papers 000 leaves depth and width open; fusionkit uses ``Linear(2, hidden) → GELU → Linear(hidden, d)``
+CA²ST leaves depth and width open; fusionkit uses ``Linear(2, hidden) → GELU → Linear(hidden, d)``
 with ``hidden = 128``, one MLP per B-CA layer shared by all its directions: 49,920 parameters per layer
-at ``d = 384``, 0.60M over 12 layers, the +0.6M of paper 000 (43.2M → 43.8M).
+at ``d = 384``, 0.60M over 12 layers, the +0.6M of CA²ST (43.2M → 43.8M).
 """
 
 from __future__ import annotations
