@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fusionkit
 from fusionkit.attention import TokenLayout
 from fusionkit.describe import describe
 from fusionkit.fusion.base import SiteState
@@ -166,6 +167,46 @@ def test_late_concat_matches_reference() -> None:
     ref = torch.stack([x["s"][:, i] + torch.cat([x["s"][:, i], m_t], -1) @ w.weight.T + w.bias
                        for i in range(A.length)], dim=1)
     torch.testing.assert_close(out["s"], ref)
+
+
+def late_graph(overrides: list[str]):
+    """Two 3-layer experts (image ViT on frames 1, 3 of 4; VideoMAE), late fusion by addition as the
+    recipes place it (``post_mlp``, ``layers: [-1]``), with ``overrides``; projections random."""
+    vit = {"img_size": 32, "depth": 3, "embed_dim": 32, "num_heads": 2}
+    recipe = {"inputs": {"video": [3, 4, 32, 32]},
+              "experts": {"spatial": {"type": "timm_vit", "name": "vit_tiny_patch16_224", "frames": {"stride": 2,
+                                                                                                   "offset": 1}, **vit},
+                          "temporal": {"type": "videomae_vit", "num_frames": 4, **vit}},
+              "fusion": {"late": {"type": "late", "experts": ["spatial", "temporal"], "site": "post_mlp",
+                                  "layers": [-1], "mode": "add"}},
+              "heads": {"verb": {"type": "linear", "expert": "temporal", "classes": 3}}}
+    torch.manual_seed(0)
+    model = fusionkit.build(recipe, overrides).eval()
+    randomize(model.fusions)
+    return model
+
+
+@pytest.mark.parametrize("overrides, step", [([], 2), (["fusion.late.layers=[-2]"], 1)])
+def test_late_fusion_after_the_last_or_inside_the_penultimate_layer(overrides, step) -> None:
+    """The recipes exchange after the last layer (``layers: [-1]``); the paper's literal "penultimate
+    layer" is one override away (``fusion.late.layers=[-2]``): the exchange follows layer L-1's MLP and
+    layer L then runs on the fused tokens. Reference: the experts layer by layer, the exchange by hand."""
+    model = late_graph(overrides)
+    assert [r["steps"] for r in model.graph_summary()] == [[step]]
+    g = torch.Generator().manual_seed(1)
+    video = torch.randn(2, 3, 4, 32, 32, generator=g)
+    got = model.forward_tokens({"video": video})
+    tokens = {e: ex.embed(video) for e, ex in model.experts.items()}
+    x, layouts = {e: t.x for e, t in tokens.items()}, {e: t.layout for e, t in tokens.items()}
+    op = model.fusions.late[str(step)]
+    for i in range(3):
+        x = {e: model.experts[e].layers[i](x[e], layouts[e]) for e in x}
+        if i == step:
+            m = {e: x[e][:, layouts[e].patch_index().reshape(-1)].mean(1) for e in x}  # pooled patches
+            x = {"spatial": x["spatial"] + op.proj["temporal_to_spatial"](m["temporal"])[:, None],
+                 "temporal": x["temporal"] + op.proj["spatial_to_temporal"](m["spatial"])[:, None]}
+    for e, ex in model.experts.items():
+        torch.testing.assert_close(got[e].x, ex.final_norm(x[e]), atol=1e-5, rtol=1e-5)
 
 
 def test_late_errors() -> None:

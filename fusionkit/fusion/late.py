@@ -4,8 +4,14 @@ and the test-time ensemble of independent experts (Table 1 (a), Table VIII).
 Late fusion exchanges information once, on the representation that feeds the classifiers. It is
 an operator (not a head) so that every head keeps reading its own expert (EK100: verb from the
 temporal expert, noun from the spatial one) and the heads stay the ones of the compared models.
-A recipe places it at the last graph step, site ``post_mlp`` (``layers: [-1]``): right after the
-last layer, before ``final_norm`` and pooling. ``layers: [-2]`` moves it one layer earlier.
+
+Paper 000 puts "the information exchange in the penultimate layer". Two readings, both recipes:
+
+* ``layers: [-1]`` (what ``cast_late_*`` / ``cava_late_add`` use): site ``post_mlp`` of the last
+  layer, right before ``final_norm`` and pooling: the exchange is on the penultimate
+  *representation* of the whole network, the one the classifier layer reads;
+* ``layers: [-2]`` (the literal one, the override ``fusion.late.layers=[-2]``): after the MLP of
+  the penultimate transformer layer; the last layer then runs on the fused tokens.
 
 Every expert ``a`` receives the pooled features ``m_b`` of the other joined experts ``b``
 (``m_b``: mean of ``b``'s patch tokens, ``(B, D_b)``, the ``avg`` pool every expert has),
