@@ -228,7 +228,7 @@ def reference_bca(op: BCA, x: dict[str, torch.Tensor], layouts: dict[str, TokenL
             qq, kk = qin[:, qi], kin[:, ki]
             if mode == "learned":
                 qq, kk = qq + d64(cross.pos_q), kk + d64(cross.pos_kv)
-            out[:, qi] = ref_mhca(qq, kk, cross.attn, heads)
+            out[:, qi] = ref_mhca(qq, kk, op.attention_of(name), heads)
         extras = sorted(set(range(layouts[q].length)) - patch_positions(layouts[q]))
         out[:, extras] = n[q][:, extras]
         assert not out.isnan().any()
@@ -294,6 +294,41 @@ def test_bca_matches_reference_three_experts(backend):
     assert set(got) == {"audio", "spatial", "temporal"}
     for e in got:
         torch.testing.assert_close(got[e].double(), want[e], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_bca_share_pair_matches_reference(backend):
+    """``share: pair``: one cross-attention per expert pair, run by both its directions (each with its own
+    window and positions); the reference runs the pair's attention for both directions by hand."""
+    op = make_op(CA2ST_DIRECTIONS, share="pair")
+    randomise(op, seed=4)
+    assert sorted(op.pairs) == ["audio_spatial", "audio_temporal", "spatial_temporal"]
+    assert all(c.attn is None for c in op.cross.values())
+    for a, b in (("a2s", "s2a"), ("t2s", "s2t"), ("a2t", "t2a")):
+        assert op.attention_of(a) is op.attention_of(b)
+    assert {n for n, c in op.cross.items() if c.pos_q is not None} == {"t2s", "s2t"}  # positions per direction
+    state = site(op, seed=4)
+    with use_backend(backend):
+        got = op(state)
+    want = reference_bca(op, state.x, state.layouts, CA2ST_DIRECTIONS, "learned", heads=4)
+    for e in got:
+        torch.testing.assert_close(got[e].double(), want[e], atol=ATOL, rtol=0)
+    d = op.width
+    assert numel(make_op(CA2ST_DIRECTIONS)) - numel(op) == 3 * (4 * d * d + 4 * d)  # six attentions -> three
+
+
+def test_bca_share_pair_full_mode_is_identity_at_init():
+    dirs = {"t2s": {"query": "spatial", "key": "temporal", "window": "time"},
+            "s2t": {"query": "temporal", "key": "spatial", "window": "space"}}
+    op = make_op(dirs, share="pair", mode="full", widths={"spatial": 64, "temporal": 64})
+    assert list(op.pairs) == ["spatial_temporal"] and not op.pairs["spatial_temporal"].proj.weight.any()
+    g = torch.Generator().manual_seed(0)
+    layouts = {"spatial": SPATIAL, "temporal": TEMPORAL}
+    state = SiteState({e: torch.randn(BATCH, lay.length, 64, generator=g) for e, lay in layouts.items()}, layouts, {}, 0)
+    out = op(state)
+    assert all(torch.equal(out[e], state.x[e]) for e in out)
+    with pytest.raises(ValueError, match="unknown share"):
+        make_op(dirs, share="expert")
 
 
 def test_bca_cls_rule():

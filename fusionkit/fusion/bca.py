@@ -20,6 +20,11 @@ holds one multi-head cross-attention and its position embeddings::
 * ``mode``: ``bottleneck`` (default), ``full`` (cross-attention at full width, no projections,
   output projection zero-initialised: the "w/o adapter" ablation) or ``full_adapter`` (full-width
   cross-attention followed by a zero-initialised adapter: "X-attn → adapter").
+* ``share``: ``direction`` (default; eq. 10 read literally, as CAST and CAVA count) gives every
+  direction its own cross-attention ``cross.<direction>.attn``; ``pair`` gives each unordered pair of
+  experts one cross-attention ``pairs.<a>_<b>`` (``W_Q, W_K, W_V``, output projection) used by both
+  its directions, each direction still with its own window and position embeddings (the reading of
+  CA²ST's 62M parameters that comes closest, ``recipes/ca2st_shared.yaml``).
 
 At init the operator returns its inputs unchanged (zero up-projection / output projection).
 Site: ``post_attn`` (between attention and MLP), as in CAST.
@@ -27,6 +32,7 @@ Site: ``post_attn`` (between attention and MLP), as in CAST.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +47,7 @@ from fusionkit.fusion.time_embed import TimeIntervalMLP
 from fusionkit.registry import FUSIONS
 
 MODES = ("bottleneck", "full", "full_adapter")
+SHARES = ("direction", "pair")
 POSITIONS = ("learned", "time", "none")
 WINDOW_ALIASES = {"space-time": "global", "spacetime": "global"}
 
@@ -74,25 +81,28 @@ def _bottleneck_width(ratio: Any, widest: int) -> int:
 class CrossDirection(nn.Module):
     """One direction: multi-head cross-attention with learned per-window-position embeddings.
 
-    ``forward(q (B', S, d), kv (B', S', d), bias)`` adds ``pos_q`` ``(S, d)`` / ``pos_kv`` ``(S', d)``,
-    then attends (query projection and key/value projection with their own biases, as in CAST).
+    ``forward(q (B', S, d), kv (B', S', d), bias, attn=None)`` adds ``pos_q`` ``(S, d)`` / ``pos_kv``
+    ``(S', d)``, then attends (query projection and key/value projection with their own biases, as
+    in CAST) with its own ``attn``, or with ``attn`` given by the caller when ``own_attention`` is
+    ``False`` (a cross-attention shared by the pair's two directions).
     """
 
-    def __init__(self, dim: int, heads: int, q_len: int | None, kv_len: int | None) -> None:
+    def __init__(self, dim: int, heads: int, q_len: int | None, kv_len: int | None,
+                 own_attention: bool = True) -> None:
         super().__init__()
-        self.attn = Attention(dim, heads, qkv_bias=True)
+        self.attn = Attention(dim, heads, qkv_bias=True) if own_attention else None
         scale = (dim // heads) ** -0.5
         self.pos_q = nn.Parameter(scale * torch.randn(q_len, dim)) if q_len else None
         self.pos_kv = nn.Parameter(scale * torch.randn(kv_len, dim)) if kv_len else None
 
-    def forward(self, q: Tensor, kv: Tensor, bias: Any = None) -> Tensor:
+    def forward(self, q: Tensor, kv: Tensor, bias: Any = None, attn: Attention | None = None) -> Tensor:
         if self.pos_q is not None:
             if q.shape[1] != self.pos_q.shape[0] or kv.shape[1] != self.pos_kv.shape[0]:
                 raise ValueError(f"B-CA position embeddings were built for windows of {self.pos_q.shape[0]} query / "
                                  f"{self.pos_kv.shape[0]} key tokens, got {q.shape[1]} / {kv.shape[1]}: the input "
                                  "differs from the recipe's inputs (frames or size)")
             q, kv = q + self.pos_q, kv + self.pos_kv
-        return self.attn(q, kv=kv, bias=bias)
+        return (attn or self.attn)(q, kv=kv, bias=bias)
 
 
 @FUSIONS.register("bca")
@@ -111,6 +121,8 @@ class BCA(FusionOp):
         position: ``learned`` / ``time`` / ``none`` (see the module docstring).
         time_mlp: options of the Time-Interval MLP (``hidden``, ``groups``) for ``position: time``.
         mode: ``bottleneck`` / ``full`` / ``full_adapter``; ``adapter_ratio`` for the latter.
+        share: ``direction`` (one cross-attention per direction, default) or ``pair`` (one per
+            unordered expert pair, used by both of its directions).
         norm_eps: LayerNorm epsilon (1e-6 in CAST).
         drop_path: stochastic depth of the update (the graph's rate for this step).
     """
@@ -123,10 +135,12 @@ class BCA(FusionOp):
                  directions: Mapping[str, Mapping[str, str] | None] | None = None, step: int = 0, num_steps: int = 1,
                  drop_path: float = 0.0, ratio: float = 0.5, bottleneck_dim: int | None = None, heads: int = 12,
                  position: str = "learned", time_mlp: Mapping[str, Any] | None = None, mode: str = "bottleneck",
-                 adapter_ratio: float = 0.25, norm_eps: float = 1e-6) -> None:
+                 adapter_ratio: float = 0.25, share: str = "direction", norm_eps: float = 1e-6) -> None:
         super().__init__(experts=experts)
         if mode not in MODES:
             raise ValueError(f"bca: unknown mode {mode!r}; valid: {', '.join(MODES)}")
+        if share not in SHARES:
+            raise ValueError(f"bca: unknown share {share!r}; valid: {', '.join(SHARES)}")
         if position not in POSITIONS:
             raise ValueError(f"bca: unknown position {position!r}; valid: {', '.join(POSITIONS)}")
         if directions is None:  # every ordered pair of joined experts, global windows
@@ -166,11 +180,14 @@ class BCA(FusionOp):
         bottleneck = mode == "bottleneck"
         self.down = nn.ModuleDict({e: nn.Linear(dims[e], width) if bottleneck else nn.Identity() for e in used})
         self.norm = nn.ModuleDict({e: nn.LayerNorm(width, eps=norm_eps) for e in used})
+        self.share = share
+        self.pairs = nn.ModuleDict({pair_key(q, k): Attention(width, heads, qkv_bias=True)
+                                    for q, k, _ in self.directions.values()}) if share == "pair" else None
         self.cross = nn.ModuleDict()
         for name, (q, k, window) in self.directions.items():
             lengths = (window_length(window, layouts[q], f"bca {name}"), window_length(window, layouts[k], f"bca {name}")) \
                 if self.positions[name] == "learned" else (None, None)
-            self.cross[name] = CrossDirection(width, heads, *lengths)
+            self.cross[name] = CrossDirection(width, heads, *lengths, own_attention=share == "direction")
         groups = max(layout.t for layout in layouts.values())  # audio time groups follow the video frames
         self.time_embed = TimeIntervalMLP(width, **{"groups": groups, **dict(time_mlp or {})}) \
             if "time" in self.positions.values() else None
@@ -189,10 +206,23 @@ class BCA(FusionOp):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         zero = list(self.up.values()) if self.up is not None else \
-            [] if self.adapter is not None else [c.attn.proj for c in self.cross.values()]
+            [] if self.adapter is not None else [a.proj for a in self.attentions()]
         for m in zero:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def attentions(self) -> list[Attention]:
+        """The operator's cross-attentions: one per direction, or one per pair (``share: pair``)."""
+        if self.pairs is not None:
+            return list(self.pairs.values())
+        return [c.attn for c in self.cross.values()]
+
+    def attention_of(self, name: str) -> Attention:
+        """The cross-attention that direction ``name`` runs (its own, or its pair's)."""
+        if self.pairs is None:
+            return self.cross[name].attn
+        q, k, _ = self.directions[name]
+        return self.pairs[pair_key(q, k)]
 
     def forward(self, state: SiteState) -> dict[str, Tensor]:
         """Update the receiving experts' tokens ``(B, L_e, D_e)``; see the module docstring."""
@@ -209,7 +239,8 @@ class BCA(FusionOp):
         summed: dict[str, Tensor] = {}
         for name, (q, k, window) in self.directions.items():
             pos = self.positions[name]
-            out = windowed(self.cross[name], inputs(q, pos), state.layouts[q], window, kv=inputs(k, pos),
+            fn = functools.partial(self.cross[name], attn=self.attention_of(name))
+            out = windowed(fn, inputs(q, pos), state.layouts[q], window, kv=inputs(k, pos),
                            kv_layout=state.layouts[k], query_extras=False, key_extras=False)
             if self.mode == "bottleneck":
                 extras = extra_mask(state.layouts[q], out.device)
@@ -228,7 +259,13 @@ class BCA(FusionOp):
 
     def extra_repr(self) -> str:
         dirs = ", ".join(f"{n}: {k}->{q} ({w.name}, {self.positions[n]})" for n, (q, k, w) in self.directions.items())
-        return f"mode={self.mode}, width={self.width}, directions=[{dirs}]"
+        share = ", share=pair" if self.pairs is not None else ""
+        return f"mode={self.mode}{share}, width={self.width}, directions=[{dirs}]"
+
+
+def pair_key(a: str, b: str) -> str:
+    """Name of the unordered expert pair ``{a, b}`` (``pairs`` key of ``share: pair``)."""
+    return "_".join(sorted((a, b)))
 
 
 def extra_mask(layout: TokenLayout, device: torch.device) -> Tensor | None:
@@ -240,4 +277,4 @@ def extra_mask(layout: TokenLayout, device: torch.device) -> Tensor | None:
     return mask
 
 
-__all__ = ["BCA", "CrossDirection", "extra_mask", "resolve_window", "window_length"]
+__all__ = ["BCA", "CrossDirection", "extra_mask", "pair_key", "resolve_window", "window_length"]
