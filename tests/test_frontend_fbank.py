@@ -139,3 +139,35 @@ def test_bad_inputs_are_clear():
         fb(torch.zeros(1, 16000, dtype=torch.int16))
     with pytest.raises(ValueError, match="sample_rate"):
         KaldiFbank(sample_rate=44100.5)
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"use_energy": True},
+    {"use_energy": True, "htk_compat": False, "window_type": "hamming",
+     "fbank_kwargs": {"round_to_power_of_two": False, "energy_floor": 0.0}},
+    {"window_type": "povey", "frame_shift": 5.0, "fbank_kwargs": {"low_freq": 50.0, "preemphasis_coefficient": 0.0}},
+    {"window_type": "rectangular", "subtract_mean": False, "fbank_kwargs": {"remove_dc_offset": False, "high_freq": -400.0}},
+], ids=["ast", "energy", "hamming-energy-first", "povey", "rectangular"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_fbank_equals_torchaudio_per_example(options, dtype):
+    fb = KaldiFbank(num_mel_bins=24, target_length=None, **options)
+    assert fb.batchable()
+    waves = torch.stack([chirp_and_noise(0.3, seed=s) * (s + 1) for s in range(3)]).to(dtype)
+    ours = fb.fbank_batch(waves)
+    ref = torch.stack([fb.fbank(w) for w in waves])  # torchaudio's kaldi.fbank, one example at a time
+    assert ours.shape == ref.shape == (3, fb.frames_for(4800), fb.num_features) and ours.dtype == dtype
+    assert ours.std() > 0.5
+    torch.testing.assert_close(ours, ref, atol=1e-9 if dtype == torch.float64 else 1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{"dither": 1.0}, {"window_type": "blackman"},
+                                     {"fbank_kwargs": {"snip_edges": False}}])
+def test_options_the_batch_path_lacks_go_through_torchaudio(options):
+    fb = KaldiFbank(num_mel_bins=24, target_length=None, **options)
+    assert not fb.batchable()
+    waves = torch.stack([chirp_and_noise(0.3, seed=s) for s in range(2)])
+    torch.manual_seed(0)
+    ours = fb.fbank_batch(waves)
+    torch.manual_seed(0)
+    torch.testing.assert_close(ours, torch.stack([fb.fbank(w) for w in waves]))
