@@ -5,7 +5,7 @@ Late fusion exchanges information once, on the representation that feeds the cla
 an operator (not a head) so that every head keeps reading its own expert (EK100: verb from the
 temporal expert, noun from the spatial one) and the heads stay the ones of the compared models.
 
-Paper 000 puts "the information exchange in the penultimate layer". Two readings, both recipes:
+CA²ST puts "the information exchange in the penultimate layer". Two readings, both recipes:
 
 * ``layers: [-1]`` (what ``cast_late_*`` / ``cava_late_add`` use): site ``post_mlp`` of the last
   layer, right before ``final_norm`` and pooling: the exchange is on the penultimate
