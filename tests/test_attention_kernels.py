@@ -312,6 +312,7 @@ def test_blockdiagonal_validation():
     assert torch.equal(mask, block_mask((1, 2), (2, 1)))
 
 
+@pytest.mark.slow
 def test_xformers_import_is_silent():
     code = "import fusionkit; from fusionkit.attention.kernels import _xformers_ops; _xformers_ops()"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -256,6 +256,7 @@ def test_per_frame_fusion_needs_equal_frame_counts():
         build(tiny_recipe(frames=4, chunks=2))
 
 
+@pytest.mark.slow
 def test_whole_model_matches_reference():
     """The graph with the operator in every layer: T → S → F, then the shared FFN, final norm."""
     model = tiny_model()

@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # a subprocess that imports everything and trains: about 18 s
 def test_demo_runs_and_checks_zero_init_adapters():
     out = subprocess.run([sys.executable, "-m", "fusionkit", "demo", "--frames", "8", "--size", "32"],
                          capture_output=True, text=True, timeout=300)

@@ -51,6 +51,7 @@ def test_sampler_shards_make_the_global_batch():
         assert sorted(shards[0][i:i + 2] + shards[1][i:i + 2]) == sorted(one[2 * i:2 * i + 4])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_process(tmp_path, fsdp):
     script = tmp_path / "ddp_train.py"

@@ -91,6 +91,7 @@ def test_keep_last_and_best(tmp_path):
     assert manager.latest().name == "step_000000004.safetensors"
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_loss_sequence(tmp_path):
     common = ["train.epochs=2", "train.eval_every=0", "train.mixup=0.8", "train.accum_steps=2", "train.batch_size=4"]
     full = run(tmp_path / "full", *common)
@@ -102,6 +103,7 @@ def test_resume_gives_the_same_loss_sequence(tmp_path):
     assert part.losses + rest.losses == full.losses  # exact, step by step
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "fusionkit.engine.commands", "train", "tiny", *FAST, "train.epochs=1000",
@@ -242,6 +244,7 @@ def test_predict_json(trained, tmp_path, capsys):
     assert engine_main(["predict", "tiny", "--video", str(tmp_path / "clip.mp4")]) == 2  # missing file: clear error
 
 
+@pytest.mark.slow
 def test_test_time_ensemble_trains_members_on_their_label_and_scores_groups(tmp_path):
     """Two heads per label (one per expert) train on the shared label; eval scores their average."""
     ensemble = ["heads.verb=null", "heads.noun=null",

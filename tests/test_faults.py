@@ -89,6 +89,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     assert not (tmp_path / "run.lock").exists()
 
 
+@pytest.mark.slow
 def test_a_new_run_never_replaces_another_run(tmp_path, capsys):
     first = run(tmp_path, "train.epochs=1", "train.eval_every=1")
     before = {name: (tmp_path / name).read_bytes() for name in files(tmp_path)}
@@ -102,6 +103,7 @@ def test_a_new_run_never_replaces_another_run(tmp_path, capsys):
     assert again.step == 8 and first.step == 4 and [r["epoch"] for r in rows(tmp_path)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_resume_auto_on_a_missing_or_empty_directory_starts_fresh(tmp_path):
     short = ["train.epochs=1", "train.max_steps=2"]
     missing = run(tmp_path / "missing", *short, resume="auto")
@@ -123,6 +125,7 @@ def test_pruning_touches_only_checkpoints_of_its_own_run(tmp_path):
     assert read_meta(state_path(mine.path(3)))["state"]["run_id"] == "mine"
 
 
+@pytest.mark.slow
 def test_resuming_from_an_older_checkpoint_moves_the_later_ones_aside(tmp_path):
     full = run(tmp_path / "full", "train.epochs=2")
     part = tmp_path / "part"
