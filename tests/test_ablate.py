@@ -76,6 +76,13 @@ def test_seeds_override_and_variant_forms(tmp_path, data_root):
     recipe = variant_recipe(bca, bca.variants[-1], seed=1)
     assert recipe["fusion"]["bca"]["ratio"] == 0.25 and recipe["train"]["seed"] == 1
     assert recipe["train"]["batch_size"] == 8 and recipe["data"]["train"]["count"] == 16  # the shared budget
+    # a one-line string splits like a shell line, a list keeps its items whole (YAML values with spaces)
+    spec = yaml.safe_load(path.read_text())
+    spec["variants"] = {"a": "'fusion.bca.directions={t2s: {query: spatial}}' fusion.bca.ratio=0.5",
+                        "b": {"recipe": "binding/bca", "overrides": ["fusion.bca.directions={t2s: {query: spatial}}"]}}
+    a, b = load_ablation(spec).variants
+    assert a.overrides == ["fusion.bca.directions={t2s: {query: spatial}}", "fusion.bca.ratio=0.5"]
+    assert b.overrides == ["fusion.bca.directions={t2s: {query: spatial}}"]
     assert family(load_recipe("binding/late_concat")) == "late"
     assert family(load_recipe("binding/ensemble")) == "ensemble"
     assert family(load_recipe("binding/identity")) == "identity"

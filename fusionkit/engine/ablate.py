@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,8 +87,8 @@ class Ablation:
 # -- loading ---------------------------------------------------------------------------------------
 
 def _overrides(value: Any, where: str) -> list[str]:
-    items = [value] if isinstance(value, str) else list(value or [])
-    out = [tok for item in items for tok in str(item).split()]
+    """A one-line string is split like a shell line (quotes keep ``k={a: 1, b: 2}`` whole); list items stay whole."""
+    out = shlex.split(value) if isinstance(value, str) else [str(item) for item in value or []]
     bad = [o for o in out if "=" not in o]
     if bad:
         raise RecipeError(f"{where}: override {bad[0]!r} is not of the form key=value")
