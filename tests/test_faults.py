@@ -246,7 +246,7 @@ def interrupt_at(monkeypatch, call: int, action) -> None:
 
 
 def test_ctrl_c_mid_step_checkpoints_and_resumes_exactly(tmp_path, monkeypatch, capsys):
-    common = ["train.epochs=2", "train.mixup=0.8", "train.accum_steps=2", "train.batch_size=4"]
+    common = ["train.epochs=1", "train.mixup=0.8", "train.accum_steps=2", "train.batch_size=4"]  # 4 steps
     full = run(tmp_path / "full", *common)
 
     def ctrl_c():
