@@ -239,7 +239,7 @@ def test_ensemble_softmax_logits_sigmoid() -> None:
 
 # every row of the baselines table: recipe / override -> trainable parameters -------------------------
 
-# (recipe, overrides, trainable, total); measured, exact. Paper 001 Table 1 (c) gives identity 18.1M,
+# (recipe, overrides, trainable, total); measured, exact. the CAST paper Table 1 (c) gives identity 18.1M,
 # w/o adapter 85.9M, X-attn -> adapter 93.0M, B-CA 44.8M (see docs/baselines.md).
 ROWS = {
     "independent, fully fine-tuned": ("cast_independent", [], 172_331_917, 172_331_917),
@@ -253,7 +253,7 @@ ROWS = {
     "T2S only": ("cast", ["fusion.bca.directions.s2t=null"], 32_333_965, 204_357_517),
     "S2T only": ("cast", ["fusion.bca.directions.t2s=null"], 34_066_573, 206_090_125),
     "B-CA (CAST)": ("cast", [], 44_784_781, 216_808_333),
-    # EPIC-SOUNDS (paper 000 Tables VIII-IX), CAVA's experts
+    # EPIC-SOUNDS (the CA²ST paper Tables VIII-IX), CAVA's experts
     "audio only": ("cava_audio_only", [], 7_432_172, 93_617_900),
     "visual only": ("cava_visual_only", [], 7_432_172, 93_230_060),
     "identity (CAVA, adapters only)": ("cava", ["fusion.bca=null"], 14_830_508, 186_814_124),

@@ -424,7 +424,7 @@ def test_time_interval_mlp_embeddings():
 
 
 def test_time_interval_mlp_default_size():
-    """Linear(2, 128) -> GELU -> Linear(128, d): 49,920 parameters at d = 384 (the +0.6M of paper 000)."""
+    """Linear(2, 128) -> GELU -> Linear(128, d): 49,920 parameters at d = 384 (the +0.6M of the CA²ST paper)."""
     assert sum(p.numel() for p in TimeIntervalMLP(384).parameters()) == 49_920
 
 

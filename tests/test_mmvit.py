@@ -1,4 +1,4 @@
-"""MM-ViT (paper 003): streams, every attention step against brute-force masked attention, order,
+"""MM-ViT (the MM-ViT paper): streams, every attention step against brute-force masked attention, order,
 parameter counts of Table 1, gradients.
 
 Tiny model: a 48-wide, 2-layer ViT (8-pixel patches, 32² frames: a 4×4 grid) shared by four streams

@@ -1,6 +1,6 @@
 """``bca``: bottleneck cross-attention between experts (B-CAST of CAST, B-CA of CA²ST).
 
-Paper 001 eq. 6–7 and paper 000 eq. 8–10. For every expert ``e`` the operator holds one
+The CAST paper, eq. 6–7 and the CA²ST paper eq. 8–10. For every expert ``e`` the operator holds one
 down-projection ``W_D,e`` (``D_e → d``), a LayerNorm and one zero-initialised up-projection
 ``W_U,e`` (``d → D_e``); every *direction* (queries of one expert, keys/values of another, a window)
 holds one multi-head cross-attention and its position embeddings::

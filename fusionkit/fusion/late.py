@@ -1,4 +1,4 @@
-"""``late``: late fusion at the penultimate layer (paper 001 Table 1 (b), Figure 7 (a, b); paper 000 Table IX),
+"""``late``: late fusion at the penultimate layer (the CAST paper Table 1 (b), Figure 7 (a, b); the CA²ST paper Table IX),
 and the test-time ensemble of independent experts (Table 1 (a), Table VIII).
 
 Late fusion exchanges information once, on the representation that feeds the classifiers. It is
@@ -128,7 +128,7 @@ def ensemble(logits: Mapping[str, Tensor], groups: Mapping[str, Any]) -> dict[st
         logits: head name → logits ``(B, C)`` (what ``model(batch)`` returns).
         groups: output name → ``{heads: [head, ...], combine: softmax | logits | sigmoid}`` or just a
             list of heads (``combine: softmax``). ``softmax``: mean of the heads' class probabilities
-            (paper 001's ensemble of experts); ``logits``: mean of the logits (paper 000's "logit
+            (the CAST paper's ensemble of experts); ``logits``: mean of the logits (the CA²ST paper's "logit
             ensemble"); ``sigmoid``: mean of per-class probabilities (multi-label heads).
 
     Returns:

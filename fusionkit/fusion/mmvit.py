@@ -1,4 +1,4 @@
-"""``mmvit``: MM-ViT's factorised space-time-modality attention (paper 003 §3.3, variants I–IV).
+"""``mmvit``: MM-ViT's factorised space-time-modality attention (the MM-ViT paper §3.3, variants I–IV).
 
 Every modality is a stream (an expert, :mod:`fusionkit.experts.mmvit_stream`) on one shared
 ``(T, H, W)`` patch grid; the streams usually share one transformer (``mmvit_vit`` owns it,
@@ -192,7 +192,7 @@ def _norm_order(order: str | None, variant: str) -> str:
 
 @FUSIONS.register("mmvit")
 class MMViT(FusionOp):
-    """MM-ViT I–IV: joint / factorised space-time-modality attention over streams (paper 003, eq. 5-20).
+    """MM-ViT I–IV: joint / factorised space-time-modality attention over streams (the MM-ViT paper, eq. 5-20).
 
     Args:
         experts: the joined streams (one per modality, equal width, one ``(T, H, W)`` grid); the first
