@@ -1,5 +1,5 @@
-"""``late``: late fusion at the penultimate layer (the CAST paper Table 1 (b), Figure 7 (a, b); the CA²ST paper Table IX),
-and the test-time ensemble of independent experts (Table 1 (a), Table VIII).
+"""``late``: late fusion at the penultimate layer (the CAST paper, Table 1 (b), Figure 7 (a, b); the CA²ST
+paper, Table IX), and the test-time ensemble of independent experts (Table 1 (a), Table VIII).
 
 Late fusion exchanges information once, on the representation that feeds the classifiers. It is
 an operator (not a head) so that every head keeps reading its own expert (EK100: verb from the
