@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fusionkit.cli import main
@@ -141,3 +142,38 @@ def test_pretraining_stage_exports_the_expert_into_the_variants(tmp_path, data_r
     assert [r["variant"] for r in rows] == ["identity"]
     recipe = json.loads((tmp_path / "out" / "identity" / "seed0" / "result.json").read_text())
     assert recipe["variant"] == "identity"
+
+
+@pytest.mark.slow  # about 20 s on 2 cores: two worker processes start, pre-train a stage, train two variants
+def test_jobs_run_side_by_side_in_workers_with_the_same_results(tmp_path, data_root, capsys):
+    small = ["train.epochs=1", "train.batch_size=8", "data.train.count=16", "data.val.count=8",
+             f"data.train.root={data_root}", f"data.val.root={data_root}", "data.train.progress=false",
+             "data.val.progress=false"]
+    stage = {"pretrain": {"spatial": {"recipe": "binding/pretrain_spatial", "expert": "spatial", "overrides": small}}}
+    path = ablation_file(tmp_path, data_root, **stage)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["ablate", str(path), "--output-dir", str(one), "--no-progress"]) == 0
+    assert main(["ablate", str(path), "--output-dir", str(two), "--no-progress", "--jobs", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "2 runs (0 finished before) in 2 worker processes" in text and "[2/2]" in text
+    assert (two / "logs" / "bca-seed0.log").read_text().count("step 2/2") == 1  # each run logs into its own file
+    assert (two / "logs" / "pretrain-spatial.log").is_file()
+    rows1, rows2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert [(r["variant"], r["seed"]) for r in rows2] == [("identity", 0), ("bca", 0)]  # the file's order
+    for a, b in zip(rows1, rows2):
+        assert b["steps"] == a["steps"] == 2 and b["params_trainable"] == a["params_trainable"]
+        assert b["metrics"] == pytest.approx(a["metrics"], abs=1e-6)
+    # the exported experts are the same weights: one thread per worker changes no number that matters
+    from safetensors.torch import load_file
+    w1, w2 = (load_file(str(d / "pretrain" / "spatial" / "expert.safetensors")) for d in (one, two))
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    assert main(["ablate", str(path), "--output-dir", str(two), "--no-progress", "--jobs", "2"]) == 0
+    assert "2 runs (2 finished before)" in capsys.readouterr().out
+
+
+def test_jobs_must_be_a_positive_whole_number(tmp_path, data_root):
+    path = ablation_file(tmp_path, data_root)
+    assert load_ablation(path, ["jobs=3"]).jobs == 3 and load_ablation(path).jobs == 1
+    for bad in ("jobs=0", "jobs=two", "jobs=1.5"):
+        with pytest.raises(RecipeError, match="'jobs' must be a whole number >= 1"):
+            load_ablation(path, [bad])

@@ -23,6 +23,10 @@ checkpoint. A pre-training stage trains its recipe once in ``DIR/pretrain/<stage
 named expert's ``state_dict`` to ``expert.safetensors``; every variant expert of the same name and
 type then loads it through the recipe key ``experts.<name>.weights``.
 
+``jobs: N`` (or ``--jobs N``) runs the stages, then the variants × seeds, side by side in ``N`` worker
+processes of ``cores / N`` threads each (:mod:`fusionkit.engine.jobs`), each run logging into
+``DIR/logs/``; the results are the same as one after the other.
+
 Outputs: a rich table (mean ± std over seeds per variant), ``results.json`` (one row per
 variant × seed), ``results.csv`` and the bar chart ``results.png`` (see :mod:`.ablation_report`).
 """
@@ -40,10 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from fusionkit import feature_cache as fc
+from fusionkit.engine.jobs import job_pool, run_jobs
 from fusionkit.recipes import RecipeError, check_keys, load_recipe
 
 ABLATION_KEYS = ("name", "description", "recipe", "seeds", "data", "train", "eval", "pretrain", "variants",
-                 "output_dir", "feature_cache")
+                 "output_dir", "feature_cache", "jobs")
 MERGED = ("data", "train", "eval")  # sections of the ablation file merged into every variant
 STAGE_KEYS = ("recipe", "expert", "overrides")
 VARIANT_KEYS = ("recipe", "overrides")
@@ -82,6 +87,7 @@ class Ablation:
     output_dir: str | None = None
     description: str = ""
     feature_cache_gb: float = 8.0    # 0: off (see fusionkit.feature_cache)
+    jobs: int = 1                    # worker processes running runs side by side (fusionkit.engine.jobs)
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -157,7 +163,13 @@ def load_ablation(path: str | Path | Mapping[str, Any], overrides: Iterable[str]
                     stages=[_stage(k, v) for k, v in (data.get("pretrain") or {}).items()],
                     variants=[_variant(str(k), v, base) for k, v in variants.items() if v is not False],
                     output_dir=data.get("output_dir"), description=str(data.get("description") or ""),
-                    feature_cache_gb=_cache_gb(data.get("feature_cache", True)))
+                    feature_cache_gb=_cache_gb(data.get("feature_cache", True)), jobs=_jobs(data.get("jobs", 1)))
+
+
+def _jobs(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(f"ablation key 'jobs' must be a whole number >= 1, got {value!r}")
+    return value
 
 
 def _cache_gb(value: Any) -> float:
@@ -246,7 +258,7 @@ def _timed_fit(recipe: Mapping[str, Any], out: Path, console: Any, progress: boo
     return trainer, result, spent
 
 
-def run_stage(stage: Stage, directory: Path, console: Any, progress: bool | None) -> tuple[str, Path]:
+def run_stage(stage: Stage, directory: Path, console: Any, progress: bool | None = False) -> tuple[str, Path]:
     """Pre-train one stage (or find it done); returns (expert type, exported weight file)."""
     from safetensors.torch import save_file
 
@@ -337,28 +349,78 @@ def run_ablation(ablation: Ablation | str | Path, overrides: Iterable[str] = (),
     directory = Path(output_dir or ablation.output_dir or Path("runs") / "ablations" / ablation.name)
     infos = describe_variants(ablation)
     directory.mkdir(parents=True, exist_ok=True)
-    weights: dict[str, tuple[str, Path]] = {}
-    for stage in ablation.stages:
-        weights[stage.expert] = run_stage(stage, directory, console, progress)
-    cache = fc.FeatureCache(ablation.feature_cache_gb) if ablation.feature_cache_gb else None
-    runs = [(v, s) for s in ablation.seeds for v in ablation.variants]  # seed-major: a whole table early
-    rows, t0, fresh = [], time.perf_counter(), 0
-    for k, (variant, seed) in enumerate(runs, 1):
-        finished = (directory / variant.name / f"seed{seed}" / "result.json").is_file()
-        eta = "" if not fresh else f", ETA {_clock((time.perf_counter() - t0) / fresh * (len(runs) - k + 1))}"
-        console.rule(f"[{k}/{len(runs)}] {variant.name} seed {seed} ({infos[variant.name]['operator']}"
-                     f"{', finished' if finished else ''}{eta})")
-        with fc.enabled(cache):
-            rows.append(run_variant(ablation, variant, seed, directory, weights, infos[variant.name], console,
-                                    progress))
-        fresh += 0 if finished else 1
-    if cache is not None:
-        stats = cache.stats()
-        console.print(f"frozen-feature cache: {stats['entries']:.0f} entries, {stats['gb']:.2f} GB, "
-                      f"hit rate {stats['hit_rate']:.0%}")
+    with job_pool(ablation.jobs) as pool:
+        weights = _run_stages(ablation, directory, console, progress, pool)
+        rows = _run_variants(ablation, directory, weights, infos, console, progress, pool)
     paths = write_reports(rows, directory, ablation.name, console)
     console.print(f"wall time of this call: {_clock(time.perf_counter() - started)}; results: {paths['json']}, "
                   f"{paths['csv']}, {paths['md']}; plot: [bold]{paths['png']}[/]")
+    return rows
+
+
+def _run_stages(ablation: Ablation, directory: Path, console: Any, progress: bool | None,
+                pool: Any) -> dict[str, tuple[str, Path]]:
+    """Every pre-training stage, here or in the pool's workers; expert name → (type, weight file)."""
+    if pool is None:
+        return {stage.expert: run_stage(stage, directory, console, progress) for stage in ablation.stages}
+    if ablation.stages:
+        console.print(f"pre-training {len(ablation.stages)} stages in {ablation.jobs} worker processes "
+                      f"(logs: {directory / 'logs'})")
+    logs = [directory / "logs" / f"pretrain-{stage.name}.log" for stage in ablation.stages]
+    weights = {}
+    for i, (kind, file) in run_jobs(pool, run_stage, [((s, directory), log) for s, log in zip(ablation.stages, logs)]):
+        weights[ablation.stages[i].expert] = (kind, file)
+        console.print(f"[green]pre-trained[/] {ablation.stages[i].name}: {file} (log: {logs[i]})")
+    return weights
+
+
+_WORKER_CACHE: dict[float, Any] = {}  # a worker process's frozen-feature cache, shared by its jobs
+
+
+def _variant_job(ablation: Ablation, variant: Variant, seed: int, directory: Path,
+                 weights: Mapping[str, tuple[str, Path]], info: Mapping[str, Any], console: Any,
+                 progress: bool | None = False, cache: Any = None) -> dict[str, Any]:
+    """:func:`run_variant` with the frozen-feature cache on (``cache``, else this process's own)."""
+    if cache is None and ablation.feature_cache_gb:
+        cache = _WORKER_CACHE.setdefault(ablation.feature_cache_gb, fc.FeatureCache(ablation.feature_cache_gb))
+    with fc.enabled(cache):
+        return run_variant(ablation, variant, seed, directory, weights, info, console, progress)
+
+
+def _run_variants(ablation: Ablation, directory: Path, weights: Mapping[str, tuple[str, Path]],
+                  infos: Mapping[str, Mapping[str, Any]], console: Any, progress: bool | None,
+                  pool: Any) -> list[dict[str, Any]]:
+    """Every variant × seed, seed-major (a whole table early), here or in the pool's workers."""
+    runs = [(v, s) for s in ablation.seeds for v in ablation.variants]
+    done = [(directory / v.name / f"seed{s}" / "result.json").is_file() for v, s in runs]
+    rows: list[Any] = [None] * len(runs)
+    t0, fresh = time.perf_counter(), 0
+    if pool is None:
+        cache = fc.FeatureCache(ablation.feature_cache_gb) if ablation.feature_cache_gb else None
+        for k, (variant, seed) in enumerate(runs):
+            eta = "" if not fresh else f", ETA {_clock((time.perf_counter() - t0) / fresh * (len(runs) - k))}"
+            console.rule(f"[{k + 1}/{len(runs)}] {variant.name} seed {seed} ({infos[variant.name]['operator']}"
+                         f"{', finished' if done[k] else ''}{eta})")
+            rows[k] = _variant_job(ablation, variant, seed, directory, weights, infos[variant.name], console,
+                                   progress, cache=cache)
+            fresh += not done[k]
+        if cache is not None:
+            stats = cache.stats()
+            console.print(f"frozen-feature cache: {stats['entries']:.0f} entries, {stats['gb']:.2f} GB, "
+                          f"hit rate {stats['hit_rate']:.0%}")
+        return rows
+    console.print(f"{len(runs)} runs ({sum(done)} finished before) in {ablation.jobs} worker processes "
+                  f"(logs: {directory / 'logs'})")
+    jobs = [((ablation, v, s, directory, weights, infos[v.name]), directory / "logs" / f"{v.name}-seed{s}.log")
+            for v, s in runs]
+    for n, (k, row) in enumerate(run_jobs(pool, _variant_job, jobs), 1):
+        rows[k] = row
+        fresh += not done[k]
+        left = sum(1 for i, r in enumerate(rows) if r is None and not done[i])
+        eta = f", ETA {_clock((time.perf_counter() - t0) / fresh * left / ablation.jobs)}" if fresh and left else ""
+        console.print(f"[{n}/{len(runs)}] {runs[k][0].name} seed {runs[k][1]} ({row['operator']}): headline "
+                      f"{row['headline']:.1f} %, train {row['train_s']:.0f} s{', finished before' if done[k] else ''}"
+                      f"{eta}")
     return rows
 
 
@@ -370,7 +432,8 @@ def _clock(seconds: float) -> str:
 # -- command line ----------------------------------------------------------------------------------
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    run_ablation(args.ablation, args.overrides, args.output_dir, progress=False if args.no_progress else None)
+    overrides = list(args.overrides) + ([f"jobs={args.jobs}"] if args.jobs is not None else [])
+    run_ablation(args.ablation, overrides, args.output_dir, progress=False if args.no_progress else None)
     return 0
 
 
@@ -384,5 +447,8 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
                    "train.epochs=1")
     p.add_argument("--output-dir", default=None, help="default: runs/ablations/<name>")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of live progress bars")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="runs side by side in N worker processes (each with cores/N threads; their logs in "
+                   "DIR/logs/); default: the file's 'jobs' key, else 1")
     p.set_defaults(func=cmd_ablate)
     return p
