@@ -20,14 +20,16 @@ Experts are frozen at construction unless ``frozen=False``; adapters attached la
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
 from fusionkit.attention import TokenLayout
+from fusionkit.registry import FRONTENDS
 
-POOL_MODES = ("cls", "extras", "avg", "max")
+POOL_MODES = ("cls", "extras", "avg", "max", "frame_max")
 
 
 class Tokens(NamedTuple):
@@ -35,6 +37,15 @@ class Tokens(NamedTuple):
 
     x: Tensor
     layout: TokenLayout
+
+
+def build_frontend(spec: Mapping[str, Any] | nn.Module | None) -> nn.Module:
+    """An expert's input front-end from a recipe's ``{type: <registered frontend>, ...options}``, a module,
+    or ``None`` (the input as it is)."""
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        return FRONTENDS.build(options.pop("type"), **options)
+    return spec if spec is not None else nn.Identity()
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,8 @@ class Expert(nn.Module):
             feat = patches.mean(dim=(1, 2))
         elif mode == "max":
             feat = patches.amax(dim=(1, 2))
+        elif mode == "frame_max":  # the max over each frame's patches, averaged over time
+            feat = patches.amax(dim=2).mean(dim=1)
         elif tokens.layout.extras == 0:
             raise ValueError(f"pool mode {mode!r} needs extra tokens but {type(self).__name__} has none "
                              f"({tokens.layout}); use 'avg'")

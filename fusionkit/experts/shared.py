@@ -25,8 +25,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fusionkit.experts.base import Expert, Tokens
-from fusionkit.registry import EXPERTS, FRONTENDS
+from fusionkit.experts.base import Expert, Tokens, build_frontend
+from fusionkit.registry import EXPERTS
 
 
 @EXPERTS.register("shared")
@@ -48,10 +48,7 @@ class SharedExpert(Expert):
         super().__init__(modality, pool or expert.pool_mode)
         del self._modules["final_norm"], self._modules["pool_norm"]  # the borrowed expert's are used
         object.__setattr__(self, "base", expert)  # a reference, not a child: parameters stay with the owner
-        if isinstance(frontend, Mapping):
-            options = dict(frontend)
-            frontend = FRONTENDS.build(options.pop("type"), **options)
-        self.frontend = frontend if frontend is not None else nn.Identity()
+        self.frontend = build_frontend(frontend)
         self.dims = list(expert.dims)
 
     @property

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from fusionkit.attention import Attention, TokenLayout
-from fusionkit.experts.base import Expert, Tokens
+from fusionkit.experts.base import Expert, Tokens, build_frontend
 from fusionkit.experts.block import Block
 from fusionkit.experts.pretrained import (
     PretrainedError,
@@ -171,6 +173,8 @@ class VideoMAEViT(Expert):
         drop_path: stochastic depth at the last block (linear from 0 over the blocks).
         frozen: freeze every parameter (default).
         pool: clip feature of the heads: ``avg`` (VideoMAE's mean pooling, default) or ``max``.
+        frontend: ``{type: <registered frontend>, ...}`` applied to the video first (e.g. ``resize``
+            for a low-resolution motion stream; then ``img_size`` is the resized side), or ``None``.
 
     Tokens: ``(B, T'·N, D)`` time-major (``b (t n) d``), ``T' = T / tubelet``, no extras; window
     ``global``.
@@ -180,7 +184,8 @@ class VideoMAEViT(Expert):
                  embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
                  mlp_ratio: float = 4.0, img_size: int = 224, num_frames: int = 16, tubelet_size: int = 2,
                  patch_size: int = 16, init_values: float | None = None, drop_path: float = 0.0,
-                 frozen: bool = True, modality: str = "video", pool: str = "avg") -> None:
+                 frozen: bool = True, modality: str = "video", pool: str = "avg",
+                 frontend: Mapping[str, Any] | nn.Module | None = None) -> None:
         if size not in SIZES:
             raise ValueError(f"unknown VideoMAE size {size!r}; valid: {', '.join(SIZES)}")
         if pretrained is not None and not is_local_file(pretrained):
@@ -192,6 +197,7 @@ class VideoMAEViT(Expert):
                              f"{num_frames} by tubelet_size {tubelet_size}")
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
         self.img_size, self.num_frames = img_size, num_frames
+        self.frontend = build_frontend(frontend)
         self.patch_embed = TubeletEmbed(dim, patch_size, tubelet_size)
         num_tokens = (num_frames // tubelet_size) * (img_size // patch_size) ** 2
         self.register_buffer("pos_table", sinusoid_table(num_tokens, dim), persistent=False)
@@ -222,7 +228,9 @@ class VideoMAEViT(Expert):
         return self.blocks
 
     def embed(self, inputs: Tensor) -> Tokens:
-        """Video ``(B, 3, T, H, W)`` to tokens ``(B, T/tubelet · H/patch · W/patch, D)`` plus positions."""
+        """Video ``(B, 3, T, H, W)`` (after ``frontend``) to tokens ``(B, T/tubelet · H/patch · W/patch, D)``
+        plus positions."""
+        inputs = self.frontend(inputs)
         in_chans = self.patch_embed.proj.in_channels
         if (inputs.dim() != 5 or inputs.shape[1] != in_chans or inputs.shape[2] % self.tubelet_size
                 or inputs.shape[3] % self.patch_size or inputs.shape[4] % self.patch_size):
