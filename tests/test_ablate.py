@@ -177,3 +177,14 @@ def test_jobs_must_be_a_positive_whole_number(tmp_path, data_root):
     for bad in ("jobs=0", "jobs=two", "jobs=1.5"):
         with pytest.raises(RecipeError, match="'jobs' must be a whole number >= 1"):
             load_ablation(path, [bad])
+
+
+def test_prepare_data_generates_every_set_once_in_this_process(tmp_path):
+    from fusionkit.engine.ablate import prepare_data
+
+    root = tmp_path / "fresh"
+    ablation = load_ablation(ablation_file(tmp_path, root))
+    prepare_data(ablation)  # train 16 + test 8 clips, shared by both variants
+    folders = sorted(p.name for p in (root / "binding-v1").iterdir())
+    assert folders == ["binding-test-8-s0", "binding-train-16-s0"]
+    assert len(list((root / "binding-v1" / "binding-train-16-s0").glob("*.mp4"))) == 16

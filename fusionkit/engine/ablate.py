@@ -349,6 +349,8 @@ def run_ablation(ablation: Ablation | str | Path, overrides: Iterable[str] = (),
     directory = Path(output_dir or ablation.output_dir or Path("runs") / "ablations" / ablation.name)
     infos = describe_variants(ablation)
     directory.mkdir(parents=True, exist_ok=True)
+    if ablation.jobs > 1:
+        prepare_data(ablation)
     with job_pool(ablation.jobs) as pool:
         weights = _run_stages(ablation, directory, console, progress, pool)
         rows = _run_variants(ablation, directory, weights, infos, console, progress, pool)
@@ -356,6 +358,24 @@ def run_ablation(ablation: Ablation | str | Path, overrides: Iterable[str] = (),
     console.print(f"wall time of this call: {_clock(time.perf_counter() - started)}; results: {paths['json']}, "
                   f"{paths['csv']}, {paths['md']}; plot: [bold]{paths['png']}[/]")
     return rows
+
+
+def prepare_data(ablation: Ablation) -> None:
+    """Open every data set the stages and variants read, once, in this process: a set generated on
+    first use (the binding benchmark) is then written here, not by every worker at the same time."""
+    from fusionkit.engine.config import dataset_specs
+    from fusionkit.engine.loading import build_dataset
+
+    recipes = [stage_recipe(s) for s in ablation.stages]
+    recipes += [variant_recipe(ablation, v, ablation.seeds[0]) for v in ablation.variants]
+    seen: set[str] = set()
+    for recipe in recipes:
+        for split in ("train", "val", "test"):
+            for name, spec in dataset_specs(recipe, split).items():
+                key = json.dumps(spec, sort_keys=True, default=str)
+                if key not in seen:
+                    seen.add(key)
+                    build_dataset(spec, f"data.{split}.{name}")
 
 
 def _run_stages(ablation: Ablation, directory: Path, console: Any, progress: bool | None,
