@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fusionkit import __version__
 from fusionkit.errors import FusionkitError, debug_requested, describe_os_error, one_line
 
 OVERRIDE = re.compile(r"^[^-=][^=]*=")  # key=value (not an option)
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusionkit", description="Modular multimodal fusion toolkit for PyTorch")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also FUSIONKIT_DEBUG=1); allowed anywhere")
+    parser.add_argument("--version", action="version", version=f"fusionkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="list registered experts, fusion operators, heads, kernels, ...")

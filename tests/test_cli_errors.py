@@ -200,3 +200,10 @@ def test_convert_bad_inputs_take_the_one_error_path(capsys, tmp_path):
                      "missing keys", "blocks.0.clip_ln_1.wieght")
     assert "unknown keys" in line and "; " in line   # the key listing, joined onto one line
     assert not out.exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fusionkit {fusionkit.__version__}" == "fusionkit 0.1.0"
