@@ -437,7 +437,7 @@ def _run_variants(ablation: Ablation, directory: Path, weights: Mapping[str, tup
         rows[k] = row
         fresh += not done[k]
         left = sum(1 for i, r in enumerate(rows) if r is None and not done[i])
-        eta = f", ETA {_clock((time.perf_counter() - t0) / fresh * left / ablation.jobs)}" if fresh and left else ""
+        eta = f", ETA {_clock((time.perf_counter() - t0) / fresh * left)}" if fresh and left else ""  # wall per run
         console.print(f"[{n}/{len(runs)}] {runs[k][0].name} seed {runs[k][1]} ({row['operator']}): headline "
                       f"{row['headline']:.1f} %, train {row['train_s']:.0f} s{', finished before' if done[k] else ''}"
                       f"{eta}")
