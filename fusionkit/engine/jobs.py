@@ -2,7 +2,7 @@
 
 Small models on a CPU use two cores badly from one process (intra-op threads wait on each other
 for matrices of a few thousand rows), so ``N`` processes of ``cores / N`` threads each finish a list of
-independent runs sooner. The workers are started once (``spawn``: nothing of the parent's threads
+independent runs sooner (the binding benchmark on 2 cores: 1.2-1.3x the steps per second). The workers are started once (``spawn``: nothing of the parent's threads
 or open files is inherited) and live for all the jobs, so what a process keeps in memory (decoded
 clips, the frozen-feature cache) is reused by the later jobs of the same worker.
 
