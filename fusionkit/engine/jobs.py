@@ -56,8 +56,8 @@ def job_pool(jobs: int) -> Iterator[ProcessPoolExecutor | None]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_jobs(pool: ProcessPoolExecutor, fn: Callable[..., Any], jobs: Iterable[tuple[Sequence[Any], Path]],
-             ) -> Iterator[tuple[int, Any]]:
+def run_jobs(pool: ProcessPoolExecutor, fn: Callable[..., Any],
+             jobs: Iterable[tuple[Sequence[Any], Path]]) -> Iterator[tuple[int, Any]]:
     """Submit ``fn(*args, console=...)`` for every ``(args, log file)``; yield ``(index, result)`` as each ends."""
     pending: dict[Future, int] = {pool.submit(_logged, fn, str(log), tuple(args)): i
                                   for i, (args, log) in enumerate(jobs)}
