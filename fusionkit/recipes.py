@@ -22,6 +22,14 @@ A recipe reads like the paper's figure::
     drop_path: 0.2
 
 ``_base_: other.yaml`` (or a list) merges the named recipes first (paths relative to the file).
+
+A recipe is a file path or a name on the recipe search path (:func:`recipe_dirs`): the folders of
+``$FUSIONKIT_RECIPES`` (``os.pathsep``-separated), then the recipes installed with the package (the
+data package ``fusionkit._recipes``, which pyproject.toml maps onto the repository's ``recipes/``
+folder), then the folders plugins add with :func:`register_recipe_dir`. ``cast`` is ``cast.yaml``,
+``binding/bca`` is ``binding/bca.yaml`` of the first folder that has it; :func:`list_recipes` names
+them all.
+
 Overrides are dotlist strings, ``fusion.bca.ratio=0.25``; ``null`` removes an inherited entry
 (``fusion.bca=null`` is the identity baseline, ``experts.spatial: null`` drops an expert).
 Every key is validated against the registered class it configures before anything is built: a
@@ -36,6 +44,7 @@ ensemble both train on ``verb``).
 
 from __future__ import annotations
 
+import importlib.resources
 import inspect
 import os
 import re
@@ -50,10 +59,11 @@ from fusionkit.adapters import attach_adapters
 from fusionkit.errors import FusionkitError
 from fusionkit.experts.pretrained import load_into, read_state_dict
 from fusionkit.graph import FusionModel, OperatorSpec, linear_rates
-from fusionkit.registry import EXPERTS, FUSIONS, HEADS, Registry, closest
+from fusionkit.registry import EXPERTS, FUSIONS, HEADS, Registry, closest, load_plugins
 from fusionkit.trainable import TrainablePolicy
 
-RECIPE_DIR = Path(os.environ.get("FUSIONKIT_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
+RECIPES_PACKAGE = "fusionkit._recipes"  # the recipe YAML files installed with fusionkit (pyproject.toml)
+RECIPES_ENV = "FUSIONKIT_RECIPES"  # os.pathsep-separated folders searched before the packaged recipes
 SECTIONS = ("name", "description", "inputs", "experts", "fusion", "heads", "trainable", "drop_path",
             "data", "train", "eval")  # data / train / eval configure the engine (fusionkit.engine)
 RANGE = re.compile(r"^-?\d*:-?\d*$")  # "9:12": YAML 1.1 would read an unquoted 9:12 as the base-60 int 552
@@ -69,17 +79,114 @@ class RecipeError(FusionkitError, ValueError):
     """A recipe that cannot be loaded or built; the message names the key."""
 
 
+def packaged_recipe_dir() -> Path:
+    """The folder of the recipes installed with fusionkit, found through :mod:`importlib.resources`.
+
+    From a wheel it is ``site-packages/fusionkit/_recipes``; in an editable install (``make``,
+    ``pip install -e .``) the data package ``fusionkit._recipes`` is the repository's ``recipes/``
+    folder itself (``[tool.setuptools.package-dir]`` in pyproject.toml), so edits there are seen at once.
+    """
+    try:
+        root = importlib.resources.files(RECIPES_PACKAGE)
+    except ModuleNotFoundError:
+        # a source checkout on sys.path, or an editable install made before the data package existed
+        # (re-running ``pip install -e .``, which ``make`` does when pyproject.toml changes, maps it)
+        return Path(__file__).resolve().parent.parent / "recipes"
+    if not isinstance(root, Path):  # e.g. a zip import: _base_ paths need a real folder
+        raise RecipeError(f"the packaged recipes ({RECIPES_PACKAGE}) are not a folder on disk ({root!r}); "
+                          "install fusionkit as a plain (unzipped) package")
+    return root
+
+
+RECIPE_DIR = packaged_recipe_dir()
+_registered_dirs: list[Path] = []
+
+
+def register_recipe_dir(path: str | os.PathLike[str]) -> Path:
+    """Add a folder of recipe files to the search path, after ``$FUSIONKIT_RECIPES`` and the packaged
+    recipes (a name that already exists there keeps its first meaning; a path still reaches the file).
+
+    Meant for plugins: the module that a ``fusionkit.plugins`` entry point names calls it on import,
+    e.g. ``register_recipe_dir(importlib.resources.files("my_package") / "recipes")``; the plugins are
+    loaded before any recipe is looked up. Returns the absolute folder; registering it twice is a no-op.
+    """
+    folder = Path(path).expanduser().absolute()
+    if not folder.is_dir():
+        raise RecipeError(f"register_recipe_dir: {str(path)!r} is not a folder")
+    if folder not in _registered_dirs:
+        _registered_dirs.append(folder)
+    return folder
+
+
+def recipe_dirs() -> list[Path]:
+    """The recipe search path, in order: the folders of ``$FUSIONKIT_RECIPES`` (``os.pathsep``-separated,
+    e.g. ``~/my_recipes:/shared/recipes``), the packaged recipes (:func:`packaged_recipe_dir`), then the
+    folders added by :func:`register_recipe_dir` (plugins)."""
+    load_plugins()
+    env = [Path(p).expanduser().absolute() for p in os.environ.get(RECIPES_ENV, "").split(os.pathsep) if p]
+    return list(dict.fromkeys([*env, RECIPE_DIR, *_registered_dirs]))
+
+
+def _names_in(folder: Path) -> dict[str, Path]:
+    """``{name: file}`` of the recipe files under ``folder`` (``binding/bca`` for ``binding/bca.yaml``);
+    ablation files (an ``ablations/`` folder, run by ``fusionkit ablate``) are not recipes."""
+    if not folder.is_dir():
+        return {}
+    files = sorted(p for p in folder.rglob("*.yaml") if "ablations" not in p.relative_to(folder).parts[:-1])
+    return {p.relative_to(folder).with_suffix("").as_posix(): p for p in files if p.is_file()}
+
+
+def recipe_index() -> dict[str, Path]:
+    """Every recipe name on the search path with the file it means (the first folder that has it wins)."""
+    index: dict[str, Path] = {}
+    for folder in recipe_dirs():
+        for name, file in _names_in(folder).items():
+            index.setdefault(name, file)
+    return dict(sorted(index.items()))
+
+
+def list_recipes() -> list[str]:
+    """The names of the recipes on the search path (:func:`recipe_dirs`), sorted: what
+    ``fusionkit.build(name)`` and every ``fusionkit`` command taking a recipe accept."""
+    return list(recipe_index())
+
+
+def recipe_description(path: Path) -> str:
+    """The first line of a recipe file's own ``description`` (``fusionkit list``); empty if none."""
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - a listing must not fail on one broken file
+        return f"(unreadable: {type(err).__name__})"
+    text = str(cfg.get("description") or "") if isinstance(cfg, DictConfig) else ""
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
 def recipe_path(recipe: str | os.PathLike[str]) -> Path:
-    """A recipe file from a path or a name in ``recipes/`` (``cast`` → ``recipes/cast.yaml``)."""
+    """The recipe file that a path or a name means.
+
+    An existing file is itself. Otherwise the name is looked up on the search path
+    (:func:`recipe_dirs`): the folders of ``$FUSIONKIT_RECIPES`` first, then the packaged recipes,
+    then plugin folders. ``cast`` means ``cast.yaml``, ``binding/bca`` ``binding/bca.yaml``; a
+    relative path that is not a file here is tried by its trailing parts (``recipes/cast.yaml``
+    finds the packaged ``cast.yaml`` from any directory). Not found: a :class:`RecipeError` naming the
+    folders searched and the closest names.
+    """
+    if not str(recipe).strip():
+        raise RecipeError("recipe name is empty: give a file or a name such as 'tiny' (fusionkit list)")
     path = Path(recipe)
     if path.is_file():
         return path
-    named = RECIPE_DIR / f"{recipe}.yaml" if path.suffix == "" else RECIPE_DIR / path.name
-    if named.is_file():
-        return named
-    known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-    raise RecipeError(f"recipe {str(recipe)!r} not found (neither a file nor a name in {RECIPE_DIR}); "
-                      f"closest recipes: {', '.join(closest(path.stem, known)) or '(none)'}")
+    dirs = recipe_dirs()
+    named = path if path.suffix in (".yaml", ".yml") else path.with_name(path.name + ".yaml")
+    parts = named.parts if not named.is_absolute() else named.parts[-1:]
+    for start in range(len(parts)):
+        tail = Path(*parts[start:])
+        for folder in dirs:
+            if (folder / tail).is_file():
+                return folder / tail
+    hint = ", ".join(closest(named.with_suffix("").as_posix(), list_recipes())) or "(none)"
+    raise RecipeError(f"recipe {str(recipe)!r} not found (neither a file nor a name in "
+                      f"{os.pathsep.join(str(d) for d in dirs)}); closest recipes: {hint}")
 
 
 def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -282,7 +389,8 @@ def build_from_config(cfg: Mapping[str, Any]) -> FusionModel:
 
 
 def build(recipe: str | os.PathLike[str] | Mapping[str, Any], overrides: Iterable[str] = ()) -> nn.Module:
-    """Build a model from a recipe (file path, name in ``recipes/``, or mapping) and dotlist overrides.
+    """Build a model from a recipe (file path, name on the recipe search path such as ``cast`` or
+    ``binding/bca``: :func:`list_recipes`, or a mapping) and dotlist overrides.
 
     Returns a :class:`~fusionkit.graph.FusionModel`; ``model(batch)`` maps a dict of modality tensors
     (``video`` ``(B, 3, T, H, W)``, ``audio`` ``(B, samples)``) to ``{head name: logits}``.
