@@ -7,10 +7,10 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test test-all venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	# one pip command so that xformers is resolved together with the pinned torch
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	# one pip command so that xformers is resolved together with torch; constraints.txt holds the tested pins
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,xformers]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
