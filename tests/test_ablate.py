@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,8 @@ def test_jobs_run_side_by_side_in_workers_with_the_same_results(tmp_path, data_r
     assert main(["ablate", str(path), "--output-dir", str(two), "--no-progress", "--jobs", "2"]) == 0
     text = capsys.readouterr().out
     assert "2 runs (0 finished before) in 2 worker processes" in text and "[2/2]" in text
+    assert re.search(r"decoded \d+ clips of \d+ data sets once for all workers", text)
+    assert list(Path(data_root).rglob("decoded/*/*.pkl"))  # the workers read the clips decoded once
     assert (two / "logs" / "bca-seed0.log").read_text().count("step 2/2") == 1  # each run logs into its own file
     assert (two / "logs" / "pretrain-spatial.log").is_file()
     rows1, rows2 = (json.loads((d / "results.json").read_text()) for d in (one, two))

@@ -165,6 +165,10 @@ def test_shapes_stay_distinct_and_one_object_per_frame():
 def test_round_trip_through_the_registered_dataset(tmp_path):
     ds = BindingDataset(kind="binding", split="test", count=16, seed=0, root=tmp_path, workers=1, progress=False)
     assert DATASETS.get("binding") is BindingDataset and ds.train is False
+    assert ds.reads_fixed and ds.decoded_cache_dir == ds.manifest.path.parent / "decoded"
+    short = BindingDataset(kind="binding", split="test", count=16, seed=0, root=tmp_path, frames=4,
+                           decoded_cache_dir=None, progress=False)
+    assert not short.reads_fixed and short.decoded_cache_dir is None
     assert ds.class_names("motion")[:5] == ["square-right", "square-left", "square-down", "square-up", "ring-right"]
     assert ds.class_names("sound")[-1] == "x-2000Hz" and ds.num_classes("sound") == 16
     trained = BindingDataset(kind="binding", split="test", count=16, seed=0, root=tmp_path, train=True,

@@ -404,3 +404,58 @@ def test_decoded_cache_decodes_each_clip_once_and_keeps_its_arrays_intact(media_
         torch.testing.assert_close(item["video"], ref["video"], rtol=0, atol=0)
         torch.testing.assert_close(item["audio"], ref["audio"], rtol=0, atol=0)
     memo.clear()
+
+
+def test_decoded_cache_dir_is_shared_by_processes_and_survives_bad_entries(media_dir, tmp_path, monkeypatch, caplog):
+    from fusionkit.data import decode, memo
+
+    rows = ["../media/stereo44k.mp4,0.0,1.0,0", "../media/mono48k.mp4,0.0,1.0,1"]
+    folder = tmp_path / "decoded"
+    options = dict(name="disk.csv", frames=4, stride=2, modalities=["video", "audio"])
+    ref = [dataset(media_dir, rows, **options)[i] for i in range(2)]
+    memo.clear()
+    writer = dataset(media_dir, rows, decoded_cache_dir=folder, **options)
+    assert writer.decode_all(shard=1, shards=2) == 1 and writer.decode_all(shard=0, shards=2) == 1
+    entries = sorted(folder.rglob("*.pkl"))
+    assert len(entries) == 6  # probe, frames and audio of each clip; no temporary file left
+    assert not list(folder.rglob(".tmp-*"))
+    memo.clear()  # a new process: nothing in memory, everything on disk
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(decode, "read_frames", refuse)
+    monkeypatch.setattr(decode, "read_audio", refuse)
+    monkeypatch.setattr(decode, "probe", refuse)
+    reader = dataset(media_dir, rows, decoded_cache_dir=folder, **options)
+    for i in range(2):
+        got = reader[i]
+        torch.testing.assert_close(got["video"], ref[i]["video"], rtol=0, atol=0)
+        torch.testing.assert_close(got["audio"], ref[i]["audio"], rtol=0, atol=0)
+    monkeypatch.undo()
+    memo.clear()
+    entries[0].write_bytes(b"not a pickle")  # a truncated / foreign entry: decoded again and rewritten
+    with caplog.at_level("WARNING", logger="fusionkit.data.memo"):
+        items = [dataset(media_dir, rows, decoded_cache_dir=folder, **options)[i] for i in range(2)]
+    assert [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()] != []
+    assert str(entries[0]) in caplog.text
+    for got, want in zip(items, ref):
+        torch.testing.assert_close(got["audio"], want["audio"], rtol=0, atol=0)
+    assert entries[0].read_bytes() != b"not a pickle"
+    memo.clear()
+
+
+def test_decoded_cache_dir_that_cannot_be_written_warns_once_and_decodes(media_dir, tmp_path, caplog):
+    from fusionkit.data import memo
+
+    memo.clear()
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the folder should be")
+    rows = ["../media/stereo44k.mp4,0.0,1.0,0", "../media/mono48k.mp4,0.0,1.0,1"]
+    options = dict(name="ro.csv", frames=4, stride=2, modalities=["video", "audio"])
+    with caplog.at_level("WARNING", logger="fusionkit.data.memo"):
+        items = [dataset(media_dir, rows, decoded_cache_dir=blocker / "decoded", **options)[i] for i in range(2)]
+    assert len([r for r in caplog.records if "cannot write" in r.getMessage()]) == 1
+    ref = dataset(media_dir, rows, **options)[1]
+    torch.testing.assert_close(items[1]["video"], ref["video"], rtol=0, atol=0)
+    memo.clear()

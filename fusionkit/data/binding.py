@@ -357,7 +357,9 @@ class BindingDataset(ManifestDataset):
             no crop, no flip) it changes nothing. ``flip`` must stay off: it swaps left and right.
         modalities, views, audio, mean, std, random_resized_crop, flip, frames, size, sampling,
         stride, decoded_cache_gb: as in :class:`~fusionkit.data.dataset.ManifestDataset` (the decoded
-        clips are kept in memory by default: 16,000 clips with audio take about 1.4 GB). The
+        clips are kept in memory by default: 16,000 clips with audio take about 1.4 GB).
+        decoded_cache_dir: where decoded clips are also kept on disk, shared by processes (default
+        ``True``: the set's ``decoded/`` folder, about 90 kB per clip; ``None``: off). The
         default normalisation (mean 0, std 0.5) keeps the black background at 0.
     """
 
@@ -369,7 +371,7 @@ class BindingDataset(ManifestDataset):
                  random_resized_crop: Mapping | Sequence | bool | None = False, flip: bool = False,
                  heads: Mapping[str, str] | None = None, frames: int = FRAMES, size: int = SIZE,
                  sampling: str = "dense", stride: int = 1, workers: int | None = None, progress: bool = True,
-                 decoded_cache_gb: float = 4.0) -> None:
+                 decoded_cache_gb: float = 4.0, decoded_cache_dir: str | Path | bool | None = True) -> None:
         count = DEFAULT_COUNTS.get(split) if count is None else count
         manifest = write_binding(default_root() if root is None else root, kind, count, seed, workers, progress,
                                  split=split)
@@ -379,4 +381,12 @@ class BindingDataset(ManifestDataset):
         super().__init__(manifest, heads=heads, classes=classes, modalities=modalities, frames=frames,
                          sampling=sampling, stride=stride, size=size, train=train, views=views, audio=audio,
                          mean=mean, std=std, random_resized_crop=random_resized_crop, flip=flip,
-                         decoded_cache_gb=decoded_cache_gb)
+                         decoded_cache_gb=decoded_cache_gb,
+                         decoded_cache_dir=manifest.parent / "decoded" if decoded_cache_dir is True
+                         else decoded_cache_dir or None)
+
+    @property
+    def reads_fixed(self) -> bool:
+        """Every draw reads the whole clip (all frames, dense, stride 1) and its audio span."""
+        return (self.frames == FRAMES and self.sampling == "dense" and self.stride == 1
+                and self.audio["seconds"] is None)

@@ -95,6 +95,8 @@ class ManifestDataset(Dataset):
             ``(seed, epoch, index)``).
         decoded_cache_gb: keep up to this many GB of decoded frames / audio in memory and decode
             each (file, frames) once per process (:mod:`fusionkit.data.memo`; 0: off).
+        decoded_cache_dir: also keep every decoded (file, frames) / audio window in this folder, shared
+            by processes and later runs (:mod:`fusionkit.data.memo`; ``None``: off).
     """
 
     def __init__(self, path: str | Path, root: str | Path | None = None, heads: Mapping[str, str] | None = None,
@@ -105,7 +107,7 @@ class ManifestDataset(Dataset):
                  std: str | Sequence[float] | None = None, random_resized_crop: Mapping | Sequence | bool | None = None,
                  flip: bool = True, color_jitter: float | Sequence[float] | None = None,
                  randaugment: Mapping[str, int] | None = None, seed: int | None = None,
-                 decoded_cache_gb: float = 0.0) -> None:
+                 decoded_cache_gb: float = 0.0, decoded_cache_dir: str | Path | None = None) -> None:
         modalities = [modalities] if isinstance(modalities, str) else list(modalities)
         bad = [m for m in modalities if m not in MODALITIES]
         if bad or not modalities:
@@ -154,6 +156,7 @@ class ManifestDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.decoded_cache_gb = float(decoded_cache_gb)
+        self.decoded_cache_dir = Path(decoded_cache_dir).expanduser() if decoded_cache_dir else None
 
     # -- the contract's small API ---------------------------------------------------------------
 
@@ -182,6 +185,21 @@ class ManifestDataset(Dataset):
     def __len__(self) -> int:
         return len(self.manifest) * self.views_per_item
 
+    @property
+    def reads_fixed(self) -> bool:
+        """Whether every draw of an item reads the same frames and audio window (then decoding the
+        set once into ``decoded_cache_dir`` serves every later epoch, see :meth:`decode_all`). False
+        here; datasets whose sampling covers each clip whole say so."""
+        return False
+
+    def decode_all(self, shard: int = 0, shards: int = 1) -> int:
+        """Load items ``shard, shard + shards, …`` once so that their decoded media land in the
+        decoded-media memory / folder; returns how many were read."""
+        indices = range(shard, len(self), shards)
+        for index in indices:
+            self[index]
+        return len(indices)
+
     def __repr__(self) -> str:
         return (f"ManifestDataset({self.manifest.path}, {len(self.manifest)} items, {self.views_per_item} views, "
                 f"modalities={self.modalities}, frames={self.frames}, sampling={self.sampling}, train={self.train})")
@@ -208,7 +226,7 @@ class ManifestDataset(Dataset):
 
     def _load(self, item, clip: int, crop: int, seed: int) -> dict[str, Any]:
         rng = random.Random(seed)
-        source = memo.file_key(item.path) if self.decoded_cache_gb > 0 else None
+        source = self._source(item.path)
         info = self._memo(("probe", source), lambda: decode.probe(item.path))
         out: dict[str, Any] = {}
         start = item.start or 0.0
@@ -270,11 +288,15 @@ class ManifestDataset(Dataset):
         out["audio_missing"] = bool(missing)
         return out
 
+    def _source(self, path: str | Path) -> tuple | None:
+        """The memo key of a media file, ``None`` when nothing decoded is remembered."""
+        return memo.file_key(path) if self.decoded_cache_gb > 0 or self.decoded_cache_dir else None
+
     def _memo(self, key: tuple, compute: Any) -> Any:
-        """``compute()``, remembered in the process's decoded-media memory when it is on."""
+        """``compute()``, remembered in the process's decoded-media memory / folder when they are on."""
         if key[1] is None:
             return compute()
-        value = memo.decoded(key, compute, self.decoded_cache_gb)
+        value = memo.decoded(key, compute, self.decoded_cache_gb, self.decoded_cache_dir)
         if isinstance(value, (torch.Tensor, np.ndarray)):  # callers may change their arrays in place
             return value.clone() if isinstance(value, torch.Tensor) else value.copy()
         return value
@@ -302,7 +324,7 @@ class ManifestDataset(Dataset):
                 t0 = lo + slack * pos
                 t1 = t0 + seconds
         path, origin = (item.audio_path, 0.0) if item.audio_path is not None else (item.path, info.origin)
-        source = memo.file_key(path) if self.decoded_cache_gb > 0 else None
+        source = self._source(path)
         wave = self._memo(("audio", source, t0, t1, rate, origin),
                           lambda: decode.read_audio(path, t0, t1, rate, origin=origin))
         missing = wave is None
