@@ -278,6 +278,11 @@ def describe(model_or_recipe: Any, overrides: Iterable[str] = (), device: str = 
     if note:
         info["flops_note"] = note
     info["flops_breakdown"] = _breakdown(model, flops["modules"], flops["total"])
+    if hasattr(model, "cacheable_steps"):  # in training mode, as a training step runs
+        was = model.training
+        model.train(True)
+        info["cacheable_steps"] = {"of": model.num_steps, **model.cacheable_steps()}
+        model.train(was)
     info["graph"] = [dict(r, experts=list(r["experts"]), steps=list(r["steps"]))
                      for r in (model.graph_summary() if hasattr(model, "graph_summary") else [])]
     return info

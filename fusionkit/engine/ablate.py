@@ -328,10 +328,21 @@ def describe_variants(ablation: Ablation) -> dict[str, dict[str, Any]]:
         except RecipeError as err:
             raise RecipeError(f"variant {variant.name!r} ({variant.recipe}): {err}") from err
         out[variant.name] = {"operator": family(recipe), "params_trainable": info["params_trainable"],
-                             "params_total": info["params_total"], "gflops": round(info["gflops"], 4)}
+                             "params_total": info["params_total"], "gflops": round(info["gflops"], 4),
+                             "cost": training_cost(info)}
     for stage in ablation.stages:
         stage_recipe(stage)
     return out
+
+
+def training_cost(info: Mapping[str, Any]) -> float:
+    """A variant's relative cost per training step, to start the longest runs first: its forward
+    GFLOPs, three times over (forward and backward) for the share of expert steps the frozen-feature
+    cache cannot skip, a fifth for the rest (computed once, then read back)."""
+    steps = dict(info.get("cacheable_steps") or {})
+    of = steps.pop("of", 0)
+    fixed = sum(steps.values()) / (of * len(steps)) if of and steps else 0.0
+    return float(info["gflops"]) * (3 * (1 - fixed) + 0.2 * fixed)
 
 
 def run_ablation(ablation: Ablation | str | Path, overrides: Iterable[str] = (), output_dir: str | Path | None = None,
@@ -457,9 +468,11 @@ def _run_variants(ablation: Ablation, directory: Path, weights: Mapping[str, tup
         return rows
     console.print(f"{len(runs)} runs ({sum(done)} finished before) in {ablation.jobs} worker processes "
                   f"(logs: {directory / 'logs'})")
-    jobs = [((ablation, v, s, directory, weights, infos[v.name]), directory / "logs" / f"{v.name}-seed{s}.log")
-            for v, s in runs]
-    for n, (k, row) in enumerate(run_jobs(pool, _variant_job, jobs), 1):
+    order = sorted(range(len(runs)), key=lambda i: (done[i], -infos[runs[i][0].name].get("cost", 0.0), i))
+    jobs = [((ablation, runs[i][0], runs[i][1], directory, weights, infos[runs[i][0].name]),
+             directory / "logs" / f"{runs[i][0].name}-seed{runs[i][1]}.log") for i in order]
+    for n, (j, row) in enumerate(run_jobs(pool, _variant_job, jobs), 1):  # the costliest runs first
+        k = order[j]
         rows[k] = row
         fresh += not done[k]
         left = sum(1 for i, r in enumerate(rows) if r is None and not done[i])
