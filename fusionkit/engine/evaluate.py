@@ -174,7 +174,7 @@ def run_eval(recipe: Any, checkpoint: str | None, overrides: Sequence[str] = (),
     loaders = eval_loaders(specs, int(ecfg["batch_size"]), int(ecfg["num_workers"]), int(tcfg["seed"]), split)
     total = sum(len(loader) for loader in loaders.values())
     reporter = Reporter(total, f"eval {cfg.get('name') or ''}".strip(), enabled=d.is_main, live=progress,
-                        console=console)
+                        console=console, fields=())  # batches, time, clips/s: no epoch, loss or lr here
     try:
         metrics = evaluate_sets(model, loaders, dev, ecfg["precision"] or tcfg["precision"], tcfg["action"],
                                 tuple(ecfg["ks"]), on_batch=lambda n: reporter.update(1, clips=n))
