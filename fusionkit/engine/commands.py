@@ -1,6 +1,7 @@
-"""``fusionkit train | eval | predict``: the engine's commands, added to the CLI by :func:`add_command`.
+"""``fusionkit train | eval | predict | config``: the engine's commands, added to the CLI by :func:`add_command`.
 
     fusionkit train RECIPE [key=value ...] [--output-dir D] [--resume [CKPT]] [--no-progress]
+    fusionkit config RECIPE [key=value ...] [--json]     # the resolved recipe, every train/eval default
     fusionkit eval RECIPE --checkpoint C [key=value ...] [--split val] [--json]
     fusionkit predict RECIPE --video FILE [--checkpoint C] [key=value ...] [--topk 5] [--json]
 
@@ -59,6 +60,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from fusionkit.engine.config import EVAL_DEFAULTS, TRAIN_DEFAULTS
+    from fusionkit.engine.show_config import render, resolved_recipe
+
+    cfg = resolved_recipe(args.recipe, args.overrides)
+    if args.json:
+        print(json.dumps({"recipe": cfg, "defaults": {"train": TRAIN_DEFAULTS, "eval": EVAL_DEFAULTS}}, indent=2))
+    else:
+        sys.stdout.write(render(cfg))
+    return 0
+
+
 def _quiet_console() -> Any:
     from rich.console import Console
 
@@ -74,7 +87,7 @@ def _recipe_parser(subparsers: Any, name: str, help: str, description: str) -> a
 
 
 def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
-    """Add ``train``, ``eval`` and ``predict`` to an ``add_subparsers()`` object."""
+    """Add ``train``, ``eval``, ``predict`` and ``config`` to an ``add_subparsers()`` object."""
     parsers = []
     p = _recipe_parser(subparsers, "train", "train a recipe on its data section (torchrun for several GPUs)",
                        "Train the model of a recipe on its data.train set, validating on data.val. Settings come "
@@ -105,6 +118,14 @@ def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
     p.add_argument("--topk", type=int, default=None, help="classes per head (default eval.topk = 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_predict)
+    parsers.append(p)
+
+    p = _recipe_parser(subparsers, "config", "the resolved recipe with every train.* / eval.* key and its default",
+                       "Print the recipe as `fusionkit train` runs it (bases merged, overrides applied) as YAML, its "
+                       "train and eval sections with every key: '# default' keeps the default, '# default: X' "
+                       "marks a changed one.")
+    p.add_argument("--json", action="store_true", help="print {recipe, defaults: {train, eval}} as JSON")
+    p.set_defaults(func=cmd_config)
     parsers.append(p)
     return parsers
 
