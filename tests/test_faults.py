@@ -35,7 +35,7 @@ def run(out: Path, *overrides: str, resume=None):
 
 
 def files(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir())
+    return sorted(p.name for p in out.iterdir() if p.name != "tb")  # tb/: only with the tensorboard extra
 
 
 def rows(out: Path) -> list[dict]:
@@ -144,7 +144,9 @@ def test_resuming_from_an_older_checkpoint_moves_the_later_ones_aside(tmp_path):
 def test_an_all_corrupt_training_set_is_an_error_naming_the_count(tmp_path, capsys):
     with pytest.raises(DataError, match=r"every one of the 32 clips of epoch 1 failed to decode; e\.g\. synthetic://"):
         run(tmp_path / "a", "train.epochs=1", "train.eval_every=1", f"data.train.corrupt={ALL}")
-    assert files(tmp_path / "a") == []  # no "best" model, no checkpoint, no metrics row
+    assert files(tmp_path / "a") == ["recipe.yaml", "train.log"]  # no "best" model, no checkpoint, no metrics row
+    assert (tmp_path / "a" / "train.log").read_text().splitlines()[-1].startswith(
+        "error: data.train: every one of the 32 clips of epoch 1 failed to decode")  # why it stopped
     line = one_line(capsys, main(["train", "tiny", *FAST, f"data.train.corrupt={ALL}", "--output-dir",
                                   str(tmp_path / "b"), "--no-progress"]))
     assert "32 clips" in line
@@ -224,7 +226,8 @@ def test_disk_full_while_writing_a_checkpoint_ends_cleanly(tmp_path, monkeypatch
     with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step_000000004\.safetensors: No space left "
                                               r"on device \(ENOSPC\)"):
         run(tmp_path / "a", "train.epochs=2")
-    assert files(tmp_path / "a") == ["metrics.csv", "metrics.jsonl"]  # no lock, no orphaned state, no temp file
+    assert files(tmp_path / "a") == ["metrics.csv", "metrics.jsonl", "recipe.yaml", "train.log"]  # no lock, no
+    # orphaned state, no temp file
     line = one_line(capsys, main(["train", "tiny", *FAST, "train.epochs=2", "--output-dir", str(tmp_path / "b"),
                                   "--no-progress"]))
     assert "ENOSPC" in line and "step_000000004.safetensors" in line
@@ -286,9 +289,9 @@ def test_leftovers_of_a_kill_are_cleaned_up_on_resume(tmp_path):
     write_lock(tmp_path, dead_pid())  # SIGKILL leaves its lock behind
     result = run(tmp_path, "train.epochs=2", resume="auto")
     assert result.step == 8
-    assert files(tmp_path) == ["metrics.csv", "metrics.jsonl", "step_000000004.safetensors",
-                               "step_000000004.state.safetensors", "step_000000008.safetensors",
-                               "step_000000008.state.safetensors"]
+    assert files(tmp_path) == ["curves.png", "metrics.csv", "metrics.jsonl", "recipe.step_4.yaml", "recipe.yaml",
+                               "step_000000004.safetensors", "step_000000004.state.safetensors",
+                               "step_000000008.safetensors", "step_000000008.state.safetensors", "train.log"]
     assert [r["epoch"] for r in rows(tmp_path)] == [1, 2] and rows(tmp_path)[1]["train/loss"] != 1.0
     csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert len(csv_lines) == 3

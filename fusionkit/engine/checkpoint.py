@@ -20,7 +20,8 @@ of its own run (the ``run_id`` in their state) and ``best.safetensors`` (weights
 A run directory belongs to one run: :func:`claim_run_dir` takes its lock file ``run.lock`` (created
 with ``O_EXCL``, holding the pid and host; the lock of a process that no longer exists is taken
 over), refuses a new run in a directory holding another run's files and removes what a killed run
-left behind (partial ``.step_*.tmp`` files, a ``.state`` file whose weights were never written).
+left behind (partial ``.step_*.tmp`` files and those of the run folder's metrics, ``recipe.yaml`` and
+``curves.png``; a ``.state`` file whose weights were never written).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from fusionkit.errors import FusionkitError, describe_os_error
 FORMAT = "fusionkit-checkpoint/1"
 STEP_NAME = re.compile(r"^step_(\d+)\.safetensors$")
 STATE_NAME = re.compile(r"^step_(\d+)\.state\.safetensors$")
-PARTIAL_NAME = re.compile(r"^\.(step_\d+(\.state)?|best)\.safetensors\.\d+\.tmp$")  # atomic_write_bytes' temp files
+PARTIAL_NAME = re.compile(  # atomic_write_bytes' temp files (checkpoints, and the run folder's files)
+    r"^\.((step_\d+(\.state)?|best)\.safetensors|metrics\.csv|metrics\.jsonl|recipe\.yaml|curves\.png)\.\d+\.tmp$")
 LOCK_NAME = "run.lock"
 RUN_FILES = ("best.safetensors", "metrics.jsonl", "metrics.csv")  # with step_* files: a run lives here
 

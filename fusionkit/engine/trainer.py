@@ -18,6 +18,12 @@ locked, not holding another run unless resuming), and every head's label is chec
 training set. Resuming rewrites ``metrics.jsonl`` without the rows after the resumed step and
 restores the epoch's partial tally (its step losses, skipped clips and steps).
 
+The run folder (rank 0): ``recipe.yaml`` (the resolved recipe, :mod:`~.run_folder`), ``train.log``
+(the log lines, appended), ``metrics.jsonl`` (a step row every ``log_every`` steps: loss, lr, clips/s,
+gradient norm before clipping; an epoch row after each epoch, :mod:`~.metrics_file`) and
+``metrics.csv``, ``tb/`` (TensorBoard events, with the ``tensorboard`` extra, :mod:`~.tensorboard_log`),
+``curves.png`` at the end (:mod:`~.plots`), checkpoints.
+
 Exact resume: the data order is a function of (seed, epoch) (:class:`~.distributed.ShardedSampler`),
 checkpoints are written at step boundaries with optimizer, scheduler, scaler, mixup and RNG states,
 and resuming restarts the epoch's sampler at the saved position and restores the RNG states after
@@ -27,9 +33,6 @@ the loader iterator is created: the loss sequence equals an uninterrupted run's.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import math
 import signal
 import threading
@@ -50,11 +53,14 @@ from fusionkit.engine.checkpoint import (CheckpointError, CheckpointManager, Run
 from fusionkit.engine.config import dataset_specs, eval_config, train_config
 from fusionkit.engine.evaluate import autocast, default_monitor, eval_loaders, evaluate_sets
 from fusionkit.engine.loading import batch_size_of, build_dataset, check_labels, make_loader, to_device
+from fusionkit.engine.metrics_file import MetricsFile, read_rows
 from fusionkit.engine.mixup import Mixup
 from fusionkit.engine.optim import build_optimizer, peak_lr
 from fusionkit.engine.progress import Reporter
+from fusionkit.engine.run_folder import LOG_FILE, LogFile, write_recipe
 from fusionkit.engine.schedule import WarmupCosine
-from fusionkit.errors import DataError, FusionkitError, describe_os_error
+from fusionkit.engine.tensorboard_log import TensorBoardLog, open_writer
+from fusionkit.errors import DataError, FusionkitError, describe_os_error, one_line
 from fusionkit.heads import total_loss
 from fusionkit.recipes import RecipeError
 
@@ -114,6 +120,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The total L2 norm of the gradients of ``params`` (those that have one), a 0-d tensor; of sharded
+    (FSDP, ``DTensor``) gradients the norm of the whole."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return _full(torch.nn.utils.get_total_norm(grads, 2.0))
+
+
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def default_output_dir(recipe: Mapping[str, Any]) -> Path:
     return Path("runs") / str(recipe.get("name") or "run")
 
@@ -128,7 +147,8 @@ class Trainer:
 
     Args:
         recipe: the loaded recipe (a dict with ``data`` and ``train`` sections).
-        output_dir: run directory (checkpoints, ``metrics.jsonl``, ``metrics.csv``); default
+        output_dir: run directory (``recipe.yaml``, ``train.log``, ``metrics.jsonl``, ``metrics.csv``, ``tb/``,
+            ``curves.png``, checkpoints); default
             ``train.output_dir`` or ``runs/<name>``. It belongs to this run while it trains
             (``run.lock``); a fresh run refuses a directory that holds another run's files.
         resume: ``None`` (fresh run: the directory must hold no run), ``"auto"`` (the latest checkpoint
@@ -153,6 +173,10 @@ class Trainer:
         self._phase = "setup"       # setup, step (before the update: the step-start snapshot is valid), update, other
         self._snapshot: Any = None
         self.lock: Any = None
+        self.metrics_file = MetricsFile(self.output_dir)
+        self.log_file: LogFile | None = None          # train.log (rank 0)
+        self.tensorboard: TensorBoardLog | None = None
+        self._tensorboard_tried = False
 
     # -- setup --------------------------------------------------------------------------------------
 
@@ -278,13 +302,20 @@ class Trainer:
                      state["rng"][d.rank] if d.rank < len(state["rng"]) else {})
             self.saved_rng = saved if saved[0] else None
         self.manager.run_id = self.run_id
+        self.resumed_step = self.step if resume_from is not None else None
         if d.is_main and self.resume is not None:
             if resume_from is not None and _inside(resume_from, self.output_dir):
                 moved = self.manager.supersede(self.step)
                 if moved:
                     self._early_log(f"resuming from step {self.step}: {len(moved)} later checkpoint(s) of an "
                                     f"abandoned continuation moved to {moved[0].parent}")
-            self._truncate_metrics(self.step)
+            self.metrics_file.truncate(self.step)
+        if d.is_main:
+            if resume_from is not None:
+                self._record(f"resuming from step {self.step}: {resume_from}")
+            changed = write_recipe(self.output_dir, self.recipe, self.step)
+            if changed:
+                self._early_log(changed)
         torch.manual_seed(int(self.cfg["seed"]) + d.rank)
 
     def _setup_loop(self) -> None:
@@ -299,7 +330,8 @@ class Trainer:
                                   drop_last=True)
         self.reporter = Reporter(self.total_steps, f"train {self.recipe.get('name') or ''}".strip(),
                                  enabled=self.dist.is_main, live=self.progress, console=self.console,
-                                 completed=self.step)
+                                 completed=self.step, log_file=self.log_file)
+        self._window = [0, 0.0]  # clips and step seconds since the last step row (its clips_per_s)
         self.result = TrainResult("finished", self.step, self.step // self.spe, output_dir=self.output_dir)
         self.losses: list[float] = []
         self.metrics: dict[str, float] = {}
@@ -314,13 +346,22 @@ class Trainer:
         self._setup_data()
         self._claim_output_dir()
         try:
+            self._open_log()
             self._setup_model()
             self._restore()
             self._setup_loop()
             t0 = time.perf_counter()
             self._train()
             self._summary(time.perf_counter() - t0)
+            if self._ctrl_c:
+                self._record(f"error: {self._ctrl_c}")
+            elif self.dist.is_main:
+                self._write_curves()
+        except BaseException as err:
+            self._record(f"error: {_error_line(err)}")
+            raise
         finally:
+            self._close_run_files()
             if self.lock is not None:
                 self.lock.release()
         if self._ctrl_c:
@@ -390,6 +431,7 @@ class Trainer:
     def _step(self, epoch: int, batches: Iterator[Any]) -> str | None:
         """One optimizer step; returns a stop reason (``interrupted``: SIGTERM, ``ctrl-c``) or None."""
         cfg, d = self.cfg, self.dist
+        started = time.perf_counter()
         self._snapshot = None if d.enabled else (rng_state(), self.mixup.state_dict())  # for a mid-step Ctrl-C
         self._phase = "step"
         self.optimizer.zero_grad(set_to_none=True)
@@ -400,10 +442,11 @@ class Trainer:
              float(skipped)])
         step_loss = total / self.accum / max(d.world_size - n_bad, 1) if n_bad < d.world_size else math.nan
         self._phase = "update"
+        norm = None
         if n_bad:
             step_loss = self._skip_update(loss_sum, epoch)
         else:
-            self._update()
+            norm = self._update(measure=(self.step + 1) % int(cfg["log_every"]) == 0)
         current_lr = self.scheduler.lr_at(self.step)
         self.scheduler.step()
         self.step += 1
@@ -413,7 +456,7 @@ class Trainer:
         tally.losses.append(step_loss)
         tally.clips += int(n_items + n_skipped)
         tally.skipped += int(n_skipped)
-        self._log_step(epoch, step_loss, current_lr, int(n_items))
+        self._log_step(epoch, step_loss, current_lr, int(n_items), norm, time.perf_counter() - started)
         if n_bad and tally.nonfinite > float(cfg["max_nonfinite_fraction"]) * self.spe:
             raise NonFiniteLossError(
                 f"{tally.nonfinite} of the {self.spe} steps of epoch {epoch + 1} had a non-finite loss and were "
@@ -467,23 +510,47 @@ class Trainer:
         self.reporter.log(f"[yellow]step {self.step + 1}: non-finite loss, update skipped")
         return math.nan
 
-    def _update(self) -> None:
+    def _update(self, measure: bool = False) -> float | None:
+        """Clip (``clip_grad``) and step; returns the total gradient norm before clipping when ``measure``
+        (a logged step; clipping computes it anyway), else None."""
         cfg, net, optimizer, scaler = self.cfg, self.net, self.optimizer, self.scaler
+        norm = None
         if cfg["clip_grad"] is not None:
             scaler.unscale_(optimizer)
             if hasattr(net, "clip_grad_norm_"):
-                net.clip_grad_norm_(float(cfg["clip_grad"]))
+                norm = net.clip_grad_norm_(float(cfg["clip_grad"]))
             else:
-                torch.nn.utils.clip_grad_norm_(self.trainable, float(cfg["clip_grad"]))
+                norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(cfg["clip_grad"]))
+        elif measure:
+            scaler.unscale_(optimizer)  # the true gradients under fp16 (a no-op otherwise); step() knows it
+            norm = grad_norm(self.trainable)
         scaler.step(optimizer)
         scaler.update()
+        return float(_full(norm)) if measure and norm is not None else None
 
-    def _log_step(self, epoch: int, step_loss: float, current_lr: float, clips: int) -> None:
-        cfg, reporter = self.cfg, self.reporter
+    def _log_step(self, epoch: int, step_loss: float, current_lr: float, clips: int, norm: float | None,
+                  seconds: float) -> None:
+        """The bar, a log line at step 1 and every ``log_every`` steps, and a step row every ``log_every`` steps."""
+        cfg, reporter, window = self.cfg, self.reporter, self._window
         reporter.update(1, clips=clips, epoch=f"{epoch + 1}/{cfg['epochs']}", loss=step_loss, lr=current_lr)
-        if not reporter.live and (self.step % int(cfg["log_every"]) == 0 or self.step == 1):
-            reporter.log(f"step {self.step}/{self.total_steps} epoch {epoch + 1}/{cfg['epochs']} loss {step_loss:.4f} "
-                         f"lr {current_lr:.3g} {reporter.speed():.1f} clips/s")
+        window[0] += clips
+        window[1] += seconds
+        row_step = self.step % int(cfg["log_every"]) == 0
+        if row_step or self.step == 1:
+            line = (f"step {self.step}/{self.total_steps} epoch {epoch + 1}/{cfg['epochs']} loss {step_loss:.4f} "
+                    f"lr {current_lr:.3g} {reporter.speed():.1f} clips/s"
+                    + (f" grad norm {norm:.3g}" if norm is not None else ""))
+            if reporter.live:  # the bar shows it; the log keeps it
+                reporter.record(line)
+            else:
+                reporter.log(line)
+        if row_step:
+            row = {"kind": "step", "step": self.step, "epoch": self.step / self.spe, "train/loss": step_loss,
+                   "lr": current_lr, "clips_per_s": window[0] / max(window[1], 1e-9),
+                   "grad_norm": norm if norm is not None else math.nan}
+            self._window = [0, 0.0]
+            if self.dist.is_main:
+                self._write_metrics(row)
 
     def _check_skipped(self, epoch: int, end: bool = False) -> None:
         """Too many undecodable clips in this epoch: more than ``max_skipped_fraction`` of its clips, or
@@ -521,10 +588,15 @@ class Trainer:
         metrics: dict[str, float] = {}
         done = epoch + 1
         if self.val_loaders and (done % int(cfg["eval_every"]) == 0 or done == int(cfg["epochs"])):
-            metrics = evaluate_sets(self.net if cfg["distributed"]["fsdp"] else self.model, self.val_loaders,
-                                    self.device, self.eval_cfg["precision"] or cfg["precision"], cfg["action"],
-                                    tuple(self.eval_cfg["ks"]))
-        row = {"epoch": done, "step": self.step, "train/loss": self.tally.mean_loss(),
+            bar = self.reporter.sub_bar(f"val epoch {done}",
+                                        sum(len(loader) for loader in self.val_loaders.values()))
+            try:
+                metrics = evaluate_sets(self.net if cfg["distributed"]["fsdp"] else self.model, self.val_loaders,
+                                        self.device, self.eval_cfg["precision"] or cfg["precision"], cfg["action"],
+                                        tuple(self.eval_cfg["ks"]), on_batch=bar.update)
+            finally:
+                bar.close()
+        row = {"kind": "epoch", "epoch": done, "step": self.step, "train/loss": self.tally.mean_loss(),
                "lr": self.scheduler.lr_at(max(self.step - 1, 0)), **{f"val/{k}": v for k, v in metrics.items()}}
         self.history.append(row)
         if d.is_main:
@@ -585,49 +657,71 @@ class Trainer:
                     "checkpoint": str(result.checkpoint) if result.checkpoint else "-"}
             self.reporter.table(f"Training summary ({self.output_dir})", rows)
 
-    # -- metrics files ------------------------------------------------------------------------------
+    # -- run folder -------------------------------------------------------------------------------
+
+    def _open_log(self) -> None:
+        """Rank 0 appends to ``train.log`` from here on (a header line per start)."""
+        if not self.dist.is_main:
+            return
+        self.log_file = LogFile(self.output_dir / LOG_FILE)
+        what = "resume" if self.resume is not None else "new run"
+        self.log_file.header(f"fusionkit train {self.recipe.get('name') or ''} ({what}) in {self.output_dir}")
+
+    def _record(self, message: str) -> None:
+        """A line to ``train.log`` only."""
+        if self.log_file is not None:
+            self.log_file.write(message)
 
     def _early_log(self, message: str) -> None:
         from rich.console import Console
 
         (self.console or Console()).print(message, highlight=False)
+        self._record(message)
 
     def _write_metrics(self, row: Mapping[str, Any]) -> None:
-        """Append ``row`` to ``metrics.jsonl`` and rewrite ``metrics.csv`` (columns: union of all rows)."""
-        jsonl = self.output_dir / "metrics.jsonl"
-        try:
-            with open(jsonl, "a") as f:
-                f.write(json.dumps(dict(row)) + "\n")
-            self._write_csv([json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()])
-        except OSError as err:
-            raise RunDirError(f"cannot write the metrics of {self.output_dir}: {describe_os_error(err)}") from err
+        """Append ``row`` to ``metrics.jsonl`` (and, after an epoch row, rewrite ``metrics.csv``); the same
+        scalars to TensorBoard (opened at the first row, when it imports)."""
+        self.metrics_file.append(row)
+        if not self._tensorboard_tried:
+            self._tensorboard_tried = True
+            resumed = self.resumed_step  # a resumed run hides the events of the abandoned steps after it
+            self.tensorboard = open_writer(self.output_dir, purge_step=None if resumed is None else resumed + 1)
+        if self.tensorboard is not None:
+            self.tensorboard.add_row(row)
 
-    def _write_csv(self, rows: list[dict[str, Any]]) -> None:
-        columns: list[str] = []
-        for r in rows:
-            columns.extend(k for k in r if k not in columns)
-        buf = io.StringIO(newline="")
-        writer = csv.DictWriter(buf, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_bytes(self.output_dir / "metrics.csv", buf.getvalue().encode())
+    def _write_curves(self) -> None:
+        """``curves.png`` of the run's rows (none yet: nothing); a failure to draw is a log line, not an error."""
+        from fusionkit.engine.plots import CURVES, draw
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop the rows after ``step`` from ``metrics.jsonl`` (written by a run killed before the
-        checkpoint that follows them, or by an abandoned continuation) and rewrite ``metrics.csv``."""
-        jsonl = self.output_dir / "metrics.jsonl"
+        jsonl = self.metrics_file.jsonl
         if not jsonl.is_file():
             return
-        lines = [line for line in jsonl.read_text().splitlines() if line.strip()]
-        rows = []
-        for line in lines:
-            with contextlib.suppress(ValueError):  # a line cut by a kill is dropped too
-                rows.append(json.loads(line))
-        kept = [r for r in rows if isinstance(r, dict) and int(r.get("step", 0)) <= step]
-        if len(kept) == len(lines):
-            return
-        atomic_write_bytes(jsonl, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        self._write_csv(kept)
+        try:
+            rows = read_rows(jsonl)
+            if rows:
+                atomic_write_bytes(self.output_dir / CURVES, draw({self.output_dir.name: rows}))
+        except Exception as err:  # noqa: BLE001 - the training itself succeeded
+            self.reporter.log(f"[yellow]{CURVES} not written: {type(err).__name__}: {err}")
+
+    def _close_run_files(self) -> None:
+        if self.tensorboard is not None:
+            with contextlib.suppress(Exception):
+                self.tensorboard.close()
+            self.tensorboard = None
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+
+
+def _error_line(err: BaseException) -> str:
+    """How the CLI reports ``err`` (:func:`fusionkit.cli.run_command`), for ``train.log``."""
+    if isinstance(err, FusionkitError):
+        return one_line(err)
+    if isinstance(err, KeyboardInterrupt):
+        return one_line(err) if str(err) else "interrupted (Ctrl-C)"
+    if isinstance(err, OSError):
+        return describe_os_error(err)
+    return one_line(f"{type(err).__name__}: {err}")
 
 
 def train(recipe: Any, overrides: Iterable[str] = (), output_dir: str | Path | None = None,
