@@ -53,6 +53,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         if not len(reg):
             table.add_row("-", "(none registered yet)")
         console.print(table)
+    from fusionkit.recipes import recipe_description, recipe_index
+
+    table = Table(title="recipes: named recipes on the search path ($FUSIONKIT_RECIPES, packaged, plugins)",
+                  title_justify="left", min_width=72)
+    table.add_column("name", style="bold cyan", no_wrap=True)
+    table.add_column("description")
+    for name, path in recipe_index().items():
+        table.add_row(name, recipe_description(path))
+    console.print(table)
     return 0
 
 
@@ -79,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from fusionkit import converters, describe
-    from fusionkit.engine import ablate, commands
+    from fusionkit.engine import ablate, commands, plots
 
-    for module in (describe, converters, commands, ablate):
+    for module in (describe, converters, commands, ablate, plots):
         module.add_command(sub)
     return parser
 

@@ -18,6 +18,7 @@ import torch
 
 import fusionkit
 from fusionkit import recipes
+from fusionkit.cli import main
 from fusionkit.recipes import RECIPE_DIR, RecipeError, list_recipes, load_recipe, recipe_path, register_recipe_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,6 +111,14 @@ def test_register_recipe_dir_from_a_plugin(tmp_path, monkeypatch):
             register_recipe_dir(tmp_path / "nowhere")
     finally:
         sys.modules.pop("fk_recipe_plugin", None)
+
+
+def test_cli_list_shows_recipes(lab, capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    section = out[out.index("recipes: named recipes"):]
+    assert "binding/bca" in section and "lab/small" in section and "my small model" in section
+    assert "CAST, EK100 composition" in section
 
 
 def test_pyproject_lists_every_package():
