@@ -360,7 +360,7 @@ def run_ablation(ablation: Ablation | str | Path, overrides: Iterable[str] = (),
     directory = Path(output_dir or ablation.output_dir or Path("runs") / "ablations" / ablation.name)
     infos = describe_variants(ablation)
     directory.mkdir(parents=True, exist_ok=True)
-    shared = prepare_data(ablation) if ablation.jobs > 1 else {}
+    shared = prepare_data(ablation) if ablation.jobs > 1 else []
     with job_pool(ablation.jobs) as pool:
         if shared:
             decode_data(shared, directory, console, pool, ablation.jobs)
@@ -372,17 +372,17 @@ def run_ablation(ablation: Ablation | str | Path, overrides: Iterable[str] = (),
     return rows
 
 
-def prepare_data(ablation: Ablation) -> dict[str, Mapping[str, Any]]:
+def prepare_data(ablation: Ablation) -> list[Mapping[str, Any]]:
     """Open every data set the stages and variants read, once, in this process: a set generated on
     first use (the binding benchmark) is then written here, not by every worker at the same time.
-    Returns the sets whose decoding the workers can share (:func:`decode_data`), by name."""
+    Returns the specs of the sets whose decoding the workers can share (:func:`decode_data`)."""
     from fusionkit.engine.config import dataset_specs
     from fusionkit.engine.loading import build_dataset
 
     recipes = [stage_recipe(s) for s in ablation.stages]
     recipes += [variant_recipe(ablation, v, ablation.seeds[0]) for v in ablation.variants]
     seen: set[str] = set()
-    shared = {}
+    shared = []
     for recipe in recipes:
         for split in ("train", "val", "test"):
             for name, spec in dataset_specs(recipe, split).items():
@@ -391,7 +391,7 @@ def prepare_data(ablation: Ablation) -> dict[str, Mapping[str, Any]]:
                     seen.add(key)
                     dataset = build_dataset(spec, f"data.{split}.{name}")
                     if getattr(dataset, "decoded_cache_dir", None) and getattr(dataset, "reads_fixed", False):
-                        shared[f"{recipe.get('name', split)}.{split}.{name}"] = spec
+                        shared.append(spec)
     return shared
 
 
@@ -401,13 +401,13 @@ def _decode_job(spec: Mapping[str, Any], shard: int, shards: int, console: Any =
     return build_dataset(spec).decode_all(shard, shards)
 
 
-def decode_data(specs: Mapping[str, Mapping[str, Any]], directory: Path, console: Any, pool: Any,
+def decode_data(specs: Sequence[Mapping[str, Any]], directory: Path, console: Any, pool: Any,
                 shards: int) -> None:
     """Decode every clip of the sets ``specs`` once, shared out over the pool's workers, into each
     set's decoded-media folder: every later run of every worker reads the decoded clips from there
     instead of decoding them itself (``fusionkit.data.memo``)."""
     started = time.perf_counter()
-    jobs = [((spec, k, shards), directory / "logs" / f"decode-{k}.log") for spec in specs.values()
+    jobs = [((spec, k, shards), directory / "logs" / f"decode-{k}.log") for spec in specs
             for k in range(shards)]
     with console.status(f"decoding {len(specs)} data sets once for all workers ({shards} processes)"):
         clips = sum(n for _, n in run_jobs(pool, _decode_job, jobs))
