@@ -123,6 +123,37 @@ def test_unknown_stage_expert_fails(tmp_path, data_root):
         describe_variants(load_ablation(path))
 
 
+def _loaded_weights(ablation, weights) -> dict[str, dict[str, str | None]]:
+    return {v.name: {e: spec.get("weights") for e, spec in variant_recipe(ablation, v, 0, weights)["experts"].items()
+                     if spec} for v in ablation.variants}
+
+
+def test_each_expert_loads_the_stage_of_its_own_name_and_type_whatever_order_the_stages_finish():
+    # the default ablation pre-trains two experts named 'video' (the shared image ViT and MM-ViT's
+    # backbone): keyed by expert name only, the stage finishing last took both (a defect of stop 16)
+    from fusionkit.engine.ablate import stage_recipe
+
+    ablation = load_ablation("recipes/ablations/binding.yaml")
+    stages = {s.name: (s.expert, str(stage_recipe(s)["experts"][s.expert]["type"]), f"/w/{s.name}.safetensors")
+              for s in ablation.stages}
+    loaded = _loaded_weights(ablation, stages)
+    assert loaded == _loaded_weights(ablation, dict(reversed(stages.items())))
+    assert loaded["lavish"] == loaded["avstfp"] == {"video": "/w/shared.safetensors", "audio": None}  # borrows video
+    assert loaded["mmvit_merged"] == {"video": "/w/mmvit.safetensors", "audio": None}
+    assert loaded["ca2st"] == {e: f"/w/{e}.safetensors" for e in ("spatial", "temporal", "audio")}
+
+
+def test_two_stages_for_one_expert_fail_before_training(tmp_path, data_root):
+    from fusionkit.engine.ablate import describe_variants
+
+    twice = {"a": {"recipe": "binding/pretrain_spatial", "expert": "spatial"},
+             "b": {"recipe": "binding/pretrain_spatial", "expert": "spatial", "overrides": ["train.epochs=3"]}}
+    ablation = load_ablation(ablation_file(tmp_path, data_root, pretrain=twice))
+    with pytest.raises(RecipeError, match="variant 'identity' .*expert 'spatial' \\(type 'timm_vit'\\) matches "
+                                          "pre-training stages 'a' and 'b'"):
+        describe_variants(ablation)
+
+
 @pytest.mark.slow
 def test_pretraining_stage_exports_the_expert_into_the_variants(tmp_path, data_root):
     from safetensors.torch import load_file
@@ -141,8 +172,8 @@ def test_pretraining_stage_exports_the_expert_into_the_variants(tmp_path, data_r
     for k, v in built.experts["spatial"].state_dict().items():
         assert (v == exported[k]).all(), k
     assert [r["variant"] for r in rows] == ["identity"]
-    recipe = json.loads((tmp_path / "out" / "identity" / "seed0" / "result.json").read_text())
-    assert recipe["variant"] == "identity"
+    row = json.loads((tmp_path / "out" / "identity" / "seed0" / "result.json").read_text())
+    assert row["variant"] == "identity" and row["pretrained"] == {"spatial": "spatial"}
 
 
 @pytest.mark.slow  # about 20 s on 2 cores: two worker processes start, pre-train a stage, train two variants

@@ -21,7 +21,8 @@ evaluated on ``data.test`` with its final weights (no model selection on the tes
 ``result.json`` there. A rerun skips finished runs and resumes interrupted ones from their last
 checkpoint. A pre-training stage trains its recipe once in ``DIR/pretrain/<stage>/`` and exports the
 named expert's ``state_dict`` to ``expert.safetensors``; every variant expert of the same name and
-type then loads it through the recipe key ``experts.<name>.weights``.
+type then loads it through the recipe key ``experts.<name>.weights`` (two stages matching one
+expert are an error; each result row names the stage of every pre-trained expert, ``pretrained``).
 
 ``jobs: N`` (or ``--jobs N``) runs the stages, then the variants × seeds, side by side in ``N`` worker
 processes of ``cores / N`` threads each (:mod:`fusionkit.engine.jobs`), each run logging into
@@ -200,17 +201,33 @@ def stage_recipe(stage: Stage) -> dict[str, Any]:
     return recipe
 
 
+def stage_matches(recipe: Mapping[str, Any], stages: Mapping[str, tuple[str, str]]) -> dict[str, str]:
+    """``{expert: stage}``: the pre-training stage (``stages``: name → (expert, type)) whose expert has
+    the name and type of one of ``recipe``'s experts that names no weights of its own. Two stages for
+    one expert are an error: which weights it loads must not depend on which stage finished last."""
+    experts = recipe.get("experts") or {}
+    out: dict[str, str] = {}
+    for stage, (expert, kind) in stages.items():
+        spec = experts.get(expert)
+        if not (isinstance(spec, Mapping) and spec.get("type") == kind and spec.get("weights") is None):
+            continue
+        if expert in out:
+            raise RecipeError(f"expert {expert!r} (type {kind!r}) matches pre-training stages {out[expert]!r} "
+                              f"and {stage!r}; give one of them another expert name or type")
+        out[expert] = stage
+    return out
+
+
 def variant_recipe(ablation: Ablation, variant: Variant, seed: int,
-                   weights: Mapping[str, tuple[str, Path]] | None = None) -> dict[str, Any]:
+                   weights: Mapping[str, tuple[str, str, Path]] | None = None) -> dict[str, Any]:
     """The recipe of one run: the variant's recipe, the ablation's shared sections, the variant's
     overrides, ``train.seed``, and ``experts.<e>.weights`` for experts a pre-training stage made
-    (``weights``: expert name → (type, file); applied where the variant's expert has that type)."""
+    (``weights``: stage name → (expert, type, file); see :func:`stage_matches`)."""
     recipe = _merge(load_recipe(variant.recipe), ablation.shared)
     recipe = load_recipe(recipe, [*variant.overrides, f"train.seed={seed}"])
-    for name, (kind, file) in (weights or {}).items():
-        spec = (recipe.get("experts") or {}).get(name)
-        if isinstance(spec, dict) and spec.get("type") == kind and spec.get("weights") is None:
-            spec["weights"] = str(file)
+    weights = weights or {}
+    for expert, stage in stage_matches(recipe, {s: (e, k) for s, (e, k, _) in weights.items()}).items():
+        recipe["experts"][expert]["weights"] = str(weights[stage][2])
     recipe["name"] = f"{ablation.name}/{variant.name}/seed{seed}"
     return recipe
 
@@ -295,7 +312,7 @@ def evaluate_test(trainer: Any) -> dict[str, float]:
 
 
 def run_variant(ablation: Ablation, variant: Variant, seed: int, directory: Path,
-                weights: Mapping[str, tuple[str, Path]], info: Mapping[str, Any], console: Any,
+                weights: Mapping[str, tuple[str, str, Path]], info: Mapping[str, Any], console: Any,
                 progress: bool | None) -> dict[str, Any]:
     """Train and evaluate one variant × seed (or read its finished ``result.json``); its result row."""
     out = directory / variant.name / f"seed{seed}"
@@ -308,6 +325,7 @@ def run_variant(ablation: Ablation, variant: Variant, seed: int, directory: Path
     heads = [h for h in _heads_reported(recipe) if f"{h}/top1" in metrics]
     row = {"variant": variant.name, "seed": seed, "operator": info["operator"],
            "params_trainable": info["params_trainable"], "params_total": info["params_total"],
+           "pretrained": dict(info.get("pretrained") or {}),
            "gflops": info["gflops"], "train_s": round(spent, 2), "steps": result.step,
            "heads": heads, "headline": sum(metrics[f"{h}/top1"] for h in heads) / max(len(heads), 1),
            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
@@ -320,18 +338,18 @@ def describe_variants(ablation: Ablation) -> dict[str, dict[str, Any]]:
     parameters and GFLOPs per clip; fails before anything is trained."""
     from fusionkit.describe import describe
 
+    stages = {s.name: (s.expert, str(stage_recipe(s)["experts"][s.expert]["type"])) for s in ablation.stages}
     out = {}
     for variant in ablation.variants:
         recipe = variant_recipe(ablation, variant, ablation.seeds[0])
         try:
             info = describe(recipe)
+            pretrained = stage_matches(recipe, stages)
         except RecipeError as err:
             raise RecipeError(f"variant {variant.name!r} ({variant.recipe}): {err}") from err
         out[variant.name] = {"operator": family(recipe), "params_trainable": info["params_trainable"],
                              "params_total": info["params_total"], "gflops": round(info["gflops"], 4),
-                             "cost": training_cost(info)}
-    for stage in ablation.stages:
-        stage_recipe(stage)
+                             "cost": training_cost(info), "pretrained": pretrained}
     return out
 
 
@@ -416,17 +434,17 @@ def decode_data(specs: Sequence[Mapping[str, Any]], directory: Path, console: An
 
 
 def _run_stages(ablation: Ablation, directory: Path, console: Any, progress: bool | None,
-                pool: Any) -> dict[str, tuple[str, Path]]:
-    """Every pre-training stage, here or in the pool's workers; expert name → (type, weight file)."""
+                pool: Any) -> dict[str, tuple[str, str, Path]]:
+    """Every pre-training stage, here or in the pool's workers; stage name → (expert, type, weight file)."""
     if pool is None:
-        return {stage.expert: run_stage(stage, directory, console, progress) for stage in ablation.stages}
+        return {s.name: (s.expert, *run_stage(s, directory, console, progress)) for s in ablation.stages}
     if ablation.stages:
         console.print(f"pre-training {len(ablation.stages)} stages in {ablation.jobs} worker processes "
                       f"(logs: {directory / 'logs'})")
     logs = [directory / "logs" / f"pretrain-{stage.name}.log" for stage in ablation.stages]
     weights = {}
     for i, (kind, file) in run_jobs(pool, run_stage, [((s, directory), log) for s, log in zip(ablation.stages, logs)]):
-        weights[ablation.stages[i].expert] = (kind, file)
+        weights[ablation.stages[i].name] = (ablation.stages[i].expert, kind, file)
         console.print(f"[green]pre-trained[/] {ablation.stages[i].name}: {file} (log: {logs[i]})")
     return weights
 
@@ -435,7 +453,7 @@ _WORKER_CACHE: dict[float, Any] = {}  # a worker process's frozen-feature cache,
 
 
 def _variant_job(ablation: Ablation, variant: Variant, seed: int, directory: Path,
-                 weights: Mapping[str, tuple[str, Path]], info: Mapping[str, Any], console: Any,
+                 weights: Mapping[str, tuple[str, str, Path]], info: Mapping[str, Any], console: Any,
                  progress: bool | None = False, cache: Any = None) -> dict[str, Any]:
     """:func:`run_variant` with the frozen-feature cache on (``cache``, else this process's own)."""
     if cache is None and ablation.feature_cache_gb:
@@ -444,7 +462,7 @@ def _variant_job(ablation: Ablation, variant: Variant, seed: int, directory: Pat
         return run_variant(ablation, variant, seed, directory, weights, info, console, progress)
 
 
-def _run_variants(ablation: Ablation, directory: Path, weights: Mapping[str, tuple[str, Path]],
+def _run_variants(ablation: Ablation, directory: Path, weights: Mapping[str, tuple[str, str, Path]],
                   infos: Mapping[str, Mapping[str, Any]], console: Any, progress: bool | None,
                   pool: Any) -> list[dict[str, Any]]:
     """Every variant × seed, seed-major (a whole table early), here or in the pool's workers."""
