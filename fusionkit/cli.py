@@ -26,7 +26,6 @@ import json
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from fusionkit import __version__
 from fusionkit.errors import FusionkitError, debug_requested, describe_os_error, one_line
@@ -88,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from fusionkit import converters, describe
-    from fusionkit.engine import ablate, commands, plots
+    from fusionkit.engine import ablate, bench, commands, plots
 
-    for module in (describe, converters, commands, ablate, plots):
+    for module in (describe, converters, commands, ablate, plots, bench):
         module.add_command(sub)
     return parser
 
@@ -159,15 +158,6 @@ def split_debug(argv: Sequence[str] | None) -> tuple[list[str], bool]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv, debug = split_debug(argv)
     parser = build_parser()
-    args = parse_args(parser, argv)
-    return run_command(args.func, args, debug)
-
-
-def run_module_main(add_command: Callable[[Any], Any], argv: Sequence[str] | None = None) -> int:
-    """``main`` of a module that adds its own commands (``python -m fusionkit.engine.commands ...``)."""
-    argv, debug = split_debug(argv)
-    parser = argparse.ArgumentParser(prog="fusionkit")
-    add_command(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parse_args(parser, argv)
     return run_command(args.func, args, debug)
 

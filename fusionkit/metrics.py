@@ -60,9 +60,8 @@ def accuracy(logits: Tensor, target: Tensor, ks: Sequence[int] = (1, 5)) -> dict
     return {f"top{k}": (100.0 * float(h.sum()) / n if n else math.nan) for k, h in hits.items()}
 
 
-def action_correct(logits: Mapping[str, Tensor], targets: Mapping[str, Tensor],
-                   heads: Sequence[str] = ("verb", "noun")) -> Tensor:
-    """EK100 action hits: bool ``(N,)``, true iff the argmax of every head in ``heads`` is right.
+def action_correct(logits: Mapping[str, Tensor], targets: Mapping[str, Tensor], heads: Sequence[str]) -> Tensor:
+    """Action hits: bool ``(N,)``, true iff the argmax of every head in ``heads`` is right (EK100: verb and noun).
 
     ``logits[h]`` ``(N, C_h)``, ``targets[h]`` ``(N,)`` for each ``h`` in ``heads``.
     """
@@ -170,12 +169,12 @@ class MetricTracker:
         multilabel: names of the multi-label heads (or head → bool).
         ks: top-k accuracies reported for single-label heads.
         action: heads whose joint top-1 is reported as ``action/top1`` when all of them are
-            tracked (EK100: ``("verb", "noun")``); ``None`` to disable.
+            tracked (EK100: ``("verb", "noun")``); ``None`` (default): no action metric.
         single_label_map: also report ``<head>/mAP`` for single-label heads (one-hot targets).
 
     Keys of :meth:`compute`: ``<head>/top1``, ``<head>/top5``, ``<head>/mca`` for single-label
-    heads, ``<head>/mAP`` for multi-label heads, ``action/top1``, and ``num_samples`` (clips after
-    merging views).
+    heads, ``<head>/mAP`` for multi-label heads, ``action/top1`` (with ``action``), and
+    ``num_samples`` (clips after merging views).
 
     Example::
 
@@ -186,7 +185,7 @@ class MetricTracker:
     """
 
     def __init__(self, multilabel: Iterable[str] | Mapping[str, bool] = (), ks: Sequence[int] = (1, 5),
-                 action: Sequence[str] | None = ("verb", "noun"), single_label_map: bool = False) -> None:
+                 action: Sequence[str] | None = None, single_label_map: bool = False) -> None:
         if isinstance(multilabel, Mapping):
             self.multilabel = {k for k, v in multilabel.items() if v}
         else:

@@ -20,7 +20,7 @@ import fusionkit  # noqa: F401 - registers the built-ins
 from fusionkit.data.synthetic import SyntheticDataset, collate
 from fusionkit.engine import distributed
 from fusionkit.engine.checkpoint import CheckpointManager, read_meta, read_tensors, state_path
-from fusionkit.engine.commands import main as engine_main
+from fusionkit.cli import main as engine_main
 from fusionkit.engine.evaluate import combine, evaluate, run_eval
 from fusionkit.engine.loading import make_loader
 from fusionkit.engine.optim import param_groups
@@ -106,7 +106,7 @@ def test_resume_gives_the_same_loss_sequence(tmp_path):
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "fusionkit.engine.commands", "train", "tiny", *FAST, "train.epochs=1000",
+    cmd = [sys.executable, "-m", "fusionkit", "train", "tiny", *FAST, "train.epochs=1000",
            "train.eval_every=0", "train.log_every=1", "--output-dir", str(tmp_path), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -206,7 +206,7 @@ def test_metrics_on_known_predictions():
     classes = {"verb": 4, "noun": 5}
     ds = SyntheticDataset(size=40, classes=classes, noise=0.0, views=2, seed=3)
     loader = make_loader(ds, 8, distributed.ShardedSampler(len(ds), shuffle=False), 0)
-    metrics = evaluate(_Decoder(classes), loader, torch.device("cpu"))
+    metrics = evaluate(_Decoder(classes), loader, torch.device("cpu"), action=("verb", "noun"))
     labels = [ds.labels(2 * c) for c in range(20)]
     noun0 = sum(lab["noun"] == 0 for lab in labels) / 20
     assert metrics["num_samples"] == 20  # two views per clip merged

@@ -39,10 +39,10 @@ def test_action_correct_needs_every_head_right():
     noun = ranked([[2, 0, 1], [2, 0, 1], [1, 0, 2]], 3)
     targets = {"verb": torch.tensor([0, 1, 1]), "noun": torch.tensor([2, 0, 1])}
     # sample 0 both right; sample 1 verb right, noun wrong; sample 2 verb wrong, noun right
-    assert action_correct({"verb": verb, "noun": noun}, targets).tolist() == [True, False, False]
+    assert action_correct({"verb": verb, "noun": noun}, targets, ("verb", "noun")).tolist() == [True, False, False]
     assert action_correct({"verb": verb, "noun": noun}, targets, heads=("verb",)).tolist() == [True, True, False]
     with pytest.raises(KeyError, match="'noun'"):
-        action_correct({"verb": verb}, targets)
+        action_correct({"verb": verb}, targets, ("verb", "noun"))
 
 
 def test_mean_class_accuracy_with_imbalanced_classes():
@@ -120,7 +120,7 @@ def test_tracker_ek100_and_multilabel_keys():
     heads = {"verb": LinearHead(dims={"t": 4}, expert="t", classes=2),
              "noun": LinearHead(dims={"s": 4}, expert="s", classes=3),
              "tags": LinearHead(dims={"s": 4}, expert="s", classes=3, multilabel=True)}
-    tracker = MetricTracker.for_heads(heads, ks=(1, 5))
+    tracker = MetricTracker.for_heads(heads, ks=(1, 5), action=("verb", "noun"))
     verb = ranked([[0, 1], [1, 0], [0, 1]], 2)
     noun = ranked([[2, 0, 1], [2, 0, 1], [1, 0, 2]], 3)
     tags = torch.tensor([[0.9, 0.1, 0.3], [0.8, 0.4, 0.2], [0.7, 0.35, 0.1]]).logit()

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from media import tone, write_corrupt, write_video  # noqa: E402
 
 import fusionkit  # noqa: F401 - registers the built-ins
-from fusionkit.engine.commands import main as engine_main
+from fusionkit.cli import main as engine_main
 from fusionkit.engine.evaluate import run_eval
 from fusionkit.engine.trainer import train
 from fusionkit.recipes import load_recipe

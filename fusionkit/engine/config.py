@@ -14,9 +14,6 @@ from typing import Any
 
 from fusionkit.recipes import RecipeError, accepted_keys, check_keys
 
-NO_WEIGHT_DECAY = ("*pos_embed*", "*.pos_q", "*.pos_kv", "*cls_token", "*dist_token", "*positional_embedding*",
-                   "*position_embedding*", "*time_embed*", "*.reg_token")
-
 CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "every_epochs": 1,          # write a checkpoint after every N epochs (0: only at the end)
     "every_steps": 0,           # also every N optimizer steps (0: off)
@@ -53,7 +50,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "betas": [0.9, 0.999],
     "eps": 1e-8,
     "weight_decay": 0.05,
-    "no_weight_decay": list(NO_WEIGHT_DECAY),  # fnmatch patterns; 1-D tensors (norms, biases) never decay
+    "no_weight_decay": [],      # more fnmatch patterns without decay; 1-D tensors (norms, biases) and what the
+                                # modules declare in no_weight_decay() (position embeddings, CLS tokens) never decay
     "layer_decay": 0.75,        # layer-wise lr decay (1.0: off)
     "head_lr_scale": 1.0,       # extra lr factor of the heads
     "clip_grad": None,          # max gradient norm (None: off)
@@ -71,7 +69,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "output_dir": None,         # default runs/<recipe name>
     "checkpoint": CHECKPOINT_DEFAULTS,
     "distributed": DISTRIBUTED_DEFAULTS,
-    "action": ["verb", "noun"],  # heads whose joint top-1 is the action accuracy
+    "action": None,             # heads whose joint top-1 is action/top1 (EK100: [verb, noun]); None: no action metric
 }
 
 EVAL_DEFAULTS: dict[str, Any] = {

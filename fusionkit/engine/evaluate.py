@@ -2,14 +2,14 @@
 
 Each rank scores its shard (no padding, no shuffle); logits, targets and clip ids are gathered on
 every rank and scored by :class:`fusionkit.metrics.MetricTracker` (views of one clip averaged by
-``clip_id``): ``<head>/top1``, ``<head>/top5``, ``<head>/mca``, ``action/top1``, ``num_samples``.
+``clip_id``): ``<head>/top1``, ``<head>/top5``, ``<head>/mca``, ``action/top1`` (the joint top-1 of the
+heads the recipe's ``train.action`` names), ``num_samples``.
 With several data sets each metric is reported per set (``<set>/<metric>``) and, for metrics every
 set has, as the harmonic mean across sets (``hmean/<metric>``).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -18,29 +18,20 @@ import torch
 from torch import nn
 
 from fusionkit.engine import distributed
+from fusionkit.engine.device import autocast, pick_device
 from fusionkit.engine.loading import build_dataset, make_loader, to_device
 from fusionkit.errors import DataError
 from fusionkit.fusion.late import ensemble
 from fusionkit.metrics import MetricTracker, harmonic_mean
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast`` for ``bf16`` / ``fp16`` (CPU included), a null context for ``fp32``."""
-    dtype = DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str = "fp32",
-             action: Sequence[str] | None = ("verb", "noun"), ks: Sequence[int] = (1, 5),
+             action: Sequence[str] | None = None, ks: Sequence[int] = (1, 5),
              on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
     """Metrics of ``model`` over ``loader`` (every rank's shard gathered first); ``skipped`` counts
-    undecodable items. A recipe with ``eval.ensemble`` is scored on its ensemble groups
-    (:func:`fusionkit.fusion.late.ensemble`, each group named after the label it predicts)."""
+    undecodable items; ``action`` names the heads of ``action/top1`` (``None``: no such metric). A recipe
+    with ``eval.ensemble`` is scored on its ensemble groups (:func:`fusionkit.fusion.late.ensemble`, each
+    group named after the label it predicts)."""
     was_training = model.training
     model.eval()
     net = distributed.unwrap(model)
@@ -117,7 +108,7 @@ def eval_loaders(specs: Mapping[str, Mapping[str, Any]], batch_size: int, num_wo
 
 
 def evaluate_sets(model: nn.Module, loaders: Mapping[str, Any], device: torch.device, precision: str = "fp32",
-                  action: Sequence[str] | None = ("verb", "noun"), ks: Sequence[int] = (1, 5),
+                  action: Sequence[str] | None = None, ks: Sequence[int] = (1, 5),
                   on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
     """:func:`evaluate` on every loader, combined by :func:`combine`; a set whose every clip is
     undecodable raises :class:`~fusionkit.errors.DataError` naming the set."""
@@ -159,7 +150,6 @@ def run_eval(recipe: Any, checkpoint: str | None, overrides: Sequence[str] = (),
     """``fusionkit eval``: metrics of a checkpoint on the recipe's ``data.<split>`` set(s)."""
     from fusionkit.engine.config import dataset_specs, eval_config, train_config
     from fusionkit.engine.progress import Reporter
-    from fusionkit.engine.trainer import pick_device
     from fusionkit.recipes import RecipeError, load_recipe
 
     cfg = load_recipe(recipe, list(overrides))

@@ -9,14 +9,16 @@ Layer id of a trainable parameter (``L`` = number of graph steps):
 
 Its lr is ``peak_lr · layer_decay ** (L + 1 − id)`` (BEiT / VideoMAE convention: the last layer
 gets ``layer_decay``, the heads the full lr), times ``head_lr_scale`` for heads. Weight decay is 0
-for 1-D tensors (norms, biases, layer scales) and names matching ``no_weight_decay`` (position
-embeddings, CLS tokens). Parameters with equal (lr scale, weight decay) share one group.
+for 1-D tensors (norms, biases, layer scales), for the parameters that their modules declare in
+``no_weight_decay()`` (timm's convention: a set of names relative to the module; position
+embeddings, CLS tokens), and for names matching the recipe's ``train.no_weight_decay`` patterns.
+Parameters with equal (lr scale, weight decay) share one group.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Any
 
 import torch
@@ -52,9 +54,23 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     return ids, last
 
 
-def no_decay(name: str, param: torch.Tensor, patterns: Sequence[str]) -> bool:
-    """True for tensors without weight decay: 1-D (norms, biases) and names matching ``patterns``."""
-    return param.ndim <= 1 or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+def declared_no_weight_decay(model: nn.Module) -> set[str]:
+    """Names (as ``model.named_parameters()`` gives them) of the parameters that a module of ``model``
+    declares in ``no_weight_decay()``: timm's convention, names relative to the declaring module (a
+    declared name the module does not hold, such as timm's ``dist_token`` of a ViT without one, is ignored)."""
+    declared: set[int] = set()
+    for module in model.modules():
+        hook = getattr(module, "no_weight_decay", None)
+        if callable(hook):
+            own = dict(module.named_parameters())
+            declared.update(id(own[name]) for name in hook() if name in own)
+    return {name for name, p in model.named_parameters() if id(p) in declared}
+
+
+def no_decay(name: str, param: torch.Tensor, declared: Set[str], patterns: Sequence[str]) -> bool:
+    """True for tensors without weight decay: 1-D (norms, biases), ``declared`` names
+    (:func:`declared_no_weight_decay`) and names matching ``patterns``."""
+    return param.ndim <= 1 or name in declared or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0,
@@ -65,13 +81,14 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
     and ``layer_id``; groups are ordered by (layer id, decay), so the order is stable.
     """
     ids, last = layer_ids(model)
+    declared = declared_no_weight_decay(model)
     groups: dict[tuple[int, bool, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         layer = ids[name]
         is_head = name.startswith("heads.")
-        decay = not no_decay(name, p, no_weight_decay)
+        decay = not no_decay(name, p, declared, no_weight_decay)
         key = (layer, is_head, decay)
         if key not in groups:
             scale = float(layer_decay) ** (last - layer) * (head_lr_scale if is_head else 1.0)

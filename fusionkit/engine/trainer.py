@@ -51,7 +51,8 @@ from fusionkit.engine.checkpoint import (CheckpointError, CheckpointManager, Run
                                          optimizer_from_flat, optimizer_to_flat, read_meta, read_tensors, rng_state,
                                          set_rng_state, state_path)
 from fusionkit.engine.config import dataset_specs, eval_config, train_config
-from fusionkit.engine.evaluate import autocast, default_monitor, eval_loaders, evaluate_sets
+from fusionkit.engine.device import autocast, pick_device
+from fusionkit.engine.evaluate import default_monitor, eval_loaders, evaluate_sets
 from fusionkit.engine.loading import batch_size_of, build_dataset, check_labels, make_loader, to_device
 from fusionkit.engine.metrics_file import MetricsFile, read_rows
 from fusionkit.engine.mixup import Mixup
@@ -110,14 +111,6 @@ class EpochTally:
         losses = tensors.get("tally.losses")
         return cls([float(x) for x in losses.tolist()] if losses is not None else [], int(meta["clips"]),
                    int(meta["skipped"]), int(meta["nonfinite"]))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", distributed.info().local_rank)
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -229,6 +229,10 @@ class AST(Expert):
 
     # the protocol's attributes -----------------------------------------------------------------
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters without weight decay (timm's convention): the CLS / distillation tokens and position embeddings."""
+        return {"cls_token", "dist_token", "pos_embed"}
+
     @property
     def layers(self) -> nn.ModuleList:  # type: ignore[override]
         return self.blocks

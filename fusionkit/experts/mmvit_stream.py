@@ -84,6 +84,10 @@ class MMViTBackbone(TimmViT):
         if frozen:
             self.freeze()
 
+    def no_weight_decay(self) -> set[str]:
+        """The temporal position embedding (the timm ViT declares its own ``pos_embed`` and ``cls_token``)."""
+        return {"time_embed"}
+
     @property
     def grid(self) -> tuple[int, int]:
         return tuple(self.vit.patch_embed.grid_size)
@@ -154,6 +158,10 @@ class MMViTStream(SharedExpert):
         if frozen:
             for p in self.parameters():
                 p.requires_grad_(False)
+
+    def no_weight_decay(self) -> set[str]:
+        """The stream's position embeddings: spatial ``pos_embed`` (visual modalities) and ``time_embed``."""
+        return {"pos_embed", "time_embed"}
 
     def embed(self, inputs: Tensor) -> Tokens:
         """``(B, C, T, H, W)`` or ``(B, T, F)`` (after ``frontend``) to ``(B, T·N, D)`` tokens on the owner's grid."""

@@ -95,6 +95,10 @@ class CrossDirection(nn.Module):
         self.pos_q = nn.Parameter(scale * torch.randn(q_len, dim)) if q_len else None
         self.pos_kv = nn.Parameter(scale * torch.randn(kv_len, dim)) if kv_len else None
 
+    def no_weight_decay(self) -> set[str]:
+        """The learned per-window-position embeddings."""
+        return {"pos_q", "pos_kv"}
+
     def forward(self, q: Tensor, kv: Tensor, bias: Any = None, attn: Attention | None = None) -> Tensor:
         if self.pos_q is not None:
             if q.shape[1] != self.pos_q.shape[0] or kv.shape[1] != self.pos_kv.shape[0]:

@@ -54,6 +54,10 @@ class TimeIntervalMLP(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self._cache: dict[TokenLayout, tuple[Tensor, Tensor]] = {}
 
+    def no_weight_decay(self) -> set[str]:
+        """Every weight: the MLP is the time embedding, which takes the place of position embeddings."""
+        return {name for name, _ in self.named_parameters()}
+
     def forward(self, layout: TokenLayout) -> Tensor:
         """``(L, dim)`` embeddings for the tokens of ``layout`` (zero for extras)."""
         if layout not in self._cache:
