@@ -4,6 +4,8 @@
     fusionkit config RECIPE [key=value ...] [--json]     # the resolved recipe, every train/eval default
     fusionkit eval RECIPE --checkpoint C [key=value ...] [--split val] [--json]
     fusionkit predict RECIPE --video FILE [--checkpoint C] [key=value ...] [--topk 5] [--json]
+    fusionkit predict RECIPE (--video FOLDER | --manifest FILE) (--out FILE.csv|.jsonl [--overwrite] | --json)
+                      [--batch-size 8] [--no-progress] ...      # one row per clip (predict_batch)
 
 Overrides may stand anywhere after RECIPE. Errors end as one line ``error: ...`` on stderr with exit
 status 2 (:func:`fusionkit.cli.run_command`); SIGTERM during ``train`` writes a checkpoint and exits 0.
@@ -49,7 +51,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from fusionkit.engine.predict import render, run_predict
+    from fusionkit.engine.predict_batch import is_batch
 
+    if is_batch(args.video, args.manifest, args.out):
+        return _predict_batch(args)
     out = run_predict(args.recipe, args.video, args.checkpoint, args.overrides, args.topk)
     if args.json:
         print(json.dumps(out, indent=2))
@@ -57,6 +62,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     Console().print(render(out["predictions"], f"{out['file']} ({out['checkpoint'] or 'no checkpoint: random heads'})"))
+    return 0
+
+
+def _predict_batch(args: argparse.Namespace) -> int:
+    """``predict`` on a folder, a manifest, or into ``--out``: rows to the file, or JSON Lines on stdout."""
+    from fusionkit.engine.predict_batch import run_predict_batch
+    from fusionkit.errors import UsageError
+
+    if args.out is None and not args.json:
+        source = f"--manifest {args.manifest}" if args.manifest else f"--video: {args.video} is a directory"
+        raise UsageError(f"{source}: write its predictions with --out FILE (.csv or .jsonl), or print them as "
+                         "JSON Lines with --json")
+    result = run_predict_batch(args.recipe, args.video, args.manifest, args.out, args.checkpoint, args.overrides,
+                               args.topk, args.batch_size, args.overwrite,
+                               progress=False if (args.no_progress or args.json) else None,
+                               console=_quiet_console() if args.json else None)
+    if args.json:
+        sys.stdout.write("".join(json.dumps(row) + "\n" for row in result.rows))
+    else:
+        print(f"wrote {len(result.rows)} predictions to {result.out}")
+    warning = result.warning()
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -110,13 +138,21 @@ def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
     p.set_defaults(func=cmd_eval)
     parsers.append(p)
 
-    p = _recipe_parser(subparsers, "predict", "top-5 classes per head for one clip",
+    p = _recipe_parser(subparsers, "predict", "top-5 classes per head for a clip, a folder of clips or a manifest",
                        "Decode one clip (or read a pre-decoded .safetensors clip) and print the top classes of "
-                       "every head.")
-    p.add_argument("--video", required=True, help="media file, or .safetensors with video/audio tensors")
+                       "every head; or predict every file of a folder or every row of a manifest, batched, and "
+                       "write one row per clip to --out (CSV or JSON Lines).")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--video", help="media file (or .safetensors with video/audio tensors), or a folder of them")
+    source.add_argument("--manifest", help="CSV / JSONL manifest of clips (the data.* manifest format)")
     p.add_argument("--checkpoint", default=None, help="a .safetensors checkpoint (default: untrained heads)")
     p.add_argument("--topk", type=int, default=None, help="classes per head (default eval.topk = 5)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--batch-size", type=int, default=None, help="clips per forward pass (default eval.batch_size = 8)")
+    dest = p.add_mutually_exclusive_group()
+    dest.add_argument("--out", default=None, help="write one row per clip to FILE.csv or FILE.jsonl")
+    dest.add_argument("--json", action="store_true", help="print JSON instead of a table (JSON Lines for many clips)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
     p.set_defaults(func=cmd_predict)
     parsers.append(p)
 
@@ -128,15 +164,3 @@ def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
     p.set_defaults(func=cmd_config)
     parsers.append(p)
     return parsers
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one engine command without the rest of the CLI (``python -m fusionkit.engine.commands train ...``),
-    with the CLI's argument parsing and error reporting (:func:`fusionkit.cli.run_module_main`)."""
-    from fusionkit.cli import run_module_main
-
-    return run_module_main(add_command, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,6 +4,9 @@ The clip is decoded by the data package (``fusionkit.data.load_inputs(path, reci
 sampling and test transform) or read from a pre-decoded tensor file: ``.safetensors`` (or ``.pt``,
 loaded with ``weights_only=True``) holding ``video`` ``(3, T, H, W)`` and/or ``audio`` ``(samples,)``
 (a leading batch dimension of views is accepted; their probabilities are averaged).
+
+A folder, a manifest or ``--out FILE`` (CSV / JSON Lines) predicts many clips, batched:
+:mod:`fusionkit.engine.predict_batch`, built on :func:`head_probs` and :func:`top_classes` here.
 """
 
 from __future__ import annotations
@@ -58,29 +61,41 @@ def _tensor_file(path: Path) -> Any:
         raise DecodeError(f"--video: cannot read {path} as a {path.suffix} tensor file: {err}") from err
 
 
-def check_topk(topk: Any, what: str = "--topk") -> int:
-    """``topk`` as a positive int, else a :class:`~fusionkit.errors.UsageError` naming ``what``."""
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        raise UsageError(f"{what} must be a positive number of classes, got {topk!r}")
-    return topk
+def check_count(value: Any, what: str = "--topk", unit: str = "classes") -> int:
+    """``value`` as a positive int, else a :class:`~fusionkit.errors.UsageError` naming ``what`` and ``unit``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{what} must be a positive number of {unit}, got {value!r}")
+    return value
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, inputs: Mapping[str, Tensor], topk: int = 5,
-            class_names: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Top-``topk`` classes per head: ``{head: [{"rank", "class", "name", "prob"}, ...]}`` (views averaged)."""
+def head_probs(model: torch.nn.Module, inputs: Mapping[str, Tensor], views: int) -> dict[str, Tensor]:
+    """Class probabilities ``{head: (N, C)}`` of ``N`` clips from ``inputs`` ``{modality: (N·views, ...)}``
+    (the views of a clip consecutive): softmax (sigmoid for a multi-label head) averaged over each clip's views."""
     device = next(model.parameters()).device
     model.eval()
     logits = model({k: v.to(device) for k, v in inputs.items()})
     out = {}
     for head, x in logits.items():
         multilabel = getattr(model.heads[head], "multilabel", False)
-        probs = (torch.sigmoid(x.float()) if multilabel else torch.softmax(x.float(), dim=-1)).mean(0).cpu()
-        values, indices = probs.topk(min(int(topk), probs.numel()))
-        names = (class_names or {}).get(head)
-        out[head] = [{"rank": r + 1, "class": int(i), "name": names[int(i)] if names else str(int(i)), "prob": float(v)}
-                     for r, (v, i) in enumerate(zip(values, indices))]
+        probs = torch.sigmoid(x.float()) if multilabel else torch.softmax(x.float(), dim=-1)
+        out[head] = probs.reshape(-1, views, probs.shape[-1]).mean(1).cpu()
     return out
+
+
+def top_classes(probs: Tensor, topk: int, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The ``topk`` most probable classes of ``probs`` ``(C,)``: ``[{"rank", "class", "name", "prob"}, ...]``
+    (``name`` is the class index as text without ``names``)."""
+    values, indices = probs.topk(min(int(topk), probs.numel()))
+    return [{"rank": r + 1, "class": int(i), "name": names[int(i)] if names else str(int(i)), "prob": float(v)}
+            for r, (v, i) in enumerate(zip(values, indices))]
+
+
+def predict(model: torch.nn.Module, inputs: Mapping[str, Tensor], topk: int = 5,
+            class_names: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Top-``topk`` classes per head of one clip, views averaged: ``{head: [{"rank", "class", "name", "prob"}]}``."""
+    probs = head_probs(model, inputs, views=len(next(iter(inputs.values()))))
+    return {head: top_classes(p[0], topk, (class_names or {}).get(head)) for head, p in probs.items()}
 
 
 def render(predictions: Mapping[str, list[Mapping[str, Any]]], title: str) -> Any:
@@ -116,18 +131,25 @@ def class_names_of(cfg: Mapping[str, Any], model: torch.nn.Module) -> dict[str, 
             if label in names and len(names[label]) == model.heads[h].num_classes}
 
 
-def run_predict(recipe: Any, video: str | Path, checkpoint: str | None = None, overrides: Sequence[str] = (),
-                topk: int | None = None, device: str = "auto") -> dict[str, Any]:
-    """Load the recipe (and checkpoint), read the clip, return ``{"file", "checkpoint", "predictions"}``."""
+def prepare(recipe: Any, overrides: Sequence[str] = (), topk: int | None = None,
+            device: str = "auto") -> tuple[Any, dict[str, Any], int, torch.device]:
+    """The loaded recipe, its ``eval`` section, the number of classes to list and the device to run on."""
     from fusionkit.engine.config import eval_config, train_config
-    from fusionkit.engine.evaluate import model_for
-    from fusionkit.engine.trainer import pick_device
+    from fusionkit.engine.device import pick_device
     from fusionkit.recipes import load_recipe
 
     cfg = load_recipe(recipe, list(overrides))
     tcfg, ecfg = train_config(cfg), eval_config(cfg)
-    k = check_topk(topk) if topk is not None else check_topk(ecfg["topk"], "recipe key 'eval.topk'")
-    dev = pick_device(device if device != "auto" else tcfg["device"])
+    k = check_count(topk) if topk is not None else check_count(ecfg["topk"], "recipe key 'eval.topk'")
+    return cfg, ecfg, k, pick_device(device if device != "auto" else tcfg["device"])
+
+
+def run_predict(recipe: Any, video: str | Path, checkpoint: str | None = None, overrides: Sequence[str] = (),
+                topk: int | None = None, device: str = "auto") -> dict[str, Any]:
+    """Load the recipe (and checkpoint), read the clip, return ``{"file", "checkpoint", "predictions"}``."""
+    from fusionkit.engine.evaluate import model_for
+
+    cfg, _, k, dev = prepare(recipe, overrides, topk, device)
     inputs = load_inputs(video, cfg)
     model, _ = model_for(cfg, checkpoint, dev)
     preds = predict(model, inputs, k, class_names_of(cfg, model))
