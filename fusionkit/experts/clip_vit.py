@@ -11,9 +11,11 @@ children; the image projection ``proj`` is kept only with ``project=True`` (CAST
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,9 +25,11 @@ from torch import Tensor, nn
 from fusionkit.attention import Attention, TokenLayout
 from fusionkit.experts.base import Expert, FrameSelect, Tokens
 from fusionkit.experts.block import Block
-from fusionkit.experts.pretrained import PretrainedError, is_local_file, require_online
+from fusionkit.experts.pretrained import PretrainedError, is_local_file, load_into, read_state_dict, require_online
 from fusionkit.experts.timm_vit import frame_select
 from fusionkit.registry import EXPERTS
+
+_log = logging.getLogger(__name__)
 
 
 def attention_from_mha(mha: nn.MultiheadAttention) -> Attention:
@@ -80,6 +84,109 @@ def _check_supported(visual: nn.Module, name: str) -> None:
                          "(only 'tok' and 'avg')")
 
 
+def _source_kind(name: str, pretrained: Any, what: str) -> str | None:
+    """``None`` (random init), ``"file"``, ``"folder"`` or ``"hub tag"``; an unusable value fails here."""
+    import open_clip
+
+    if pretrained is True:
+        raise PretrainedError(f"{what}: pretrained=True is ambiguous; pass an open_clip tag "
+                              f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'}) "
+                              "or a local checkpoint file or folder")
+    if not pretrained:
+        return None
+    pretrained = str(pretrained)
+    if is_local_file(pretrained):
+        if not os.path.exists(pretrained):
+            raise PretrainedError(f"{what}: pretrained weight file {pretrained!r} does not exist")
+        return "folder" if os.path.isdir(pretrained) else "file"
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags and not open_clip.get_pretrained_cfg(name, pretrained):
+        raise PretrainedError(f"{what}: pretrained={pretrained!r} is neither a local file nor an "
+                              f"open_clip tag of this model (tags: {', '.join(tags) or 'none'})")
+    require_online(pretrained, what)
+    return "hub tag"
+
+
+def stated_quick_gelu(name: str, pretrained: str | None, hub: bool) -> tuple[bool, str] | None:
+    """What the weights say about their activation, ``(quick_gelu, where it is said)``, or ``None``.
+
+    A hub tag says it in open_clip's pretrained table (``quick_gelu`` absent: GELU); a local file or
+    folder says it through the ``model_cfg`` of an ``open_clip_config.json`` (or ``config.json``) in
+    the folder or beside the file (``model_cfg.quick_gelu`` absent: GELU, as open_clip builds it).
+    """
+    import open_clip
+
+    if not pretrained:
+        return None
+    if hub:
+        return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False)), \
+            f"open_clip pretrained tag {pretrained!r}"
+    folder = Path(pretrained) if os.path.isdir(pretrained) else Path(pretrained).parent
+    for config in (folder / "open_clip_config.json", folder / "config.json"):
+        model_cfg = _read_json(config).get("model_cfg") if config.is_file() else None
+        if isinstance(model_cfg, dict):
+            return bool(model_cfg.get("quick_gelu", False)), f"{str(config)!r} (model_cfg.quick_gelu)"
+    return None
+
+
+def resolve_quick_gelu(name: str, pretrained: str | None, hub: bool, quick_gelu: bool | None,
+                       what: str) -> bool | None:
+    """The ``quick_gelu`` to build with: the recipe's, else the model name's, else the weights'.
+
+    A recipe value that contradicts the model name (``-quickgelu``) or the weights' own statement
+    (:func:`stated_quick_gelu`) raises :class:`PretrainedError`; weights that state nothing (a bare
+    state dict) are loaded with the recipe's choice and one warning that it could not be verified.
+    """
+    import open_clip
+
+    named = (open_clip.get_model_config(name) or {}).get("quick_gelu")  # True for the -quickgelu names
+    if quick_gelu is not None and named is not None and bool(named) != quick_gelu:
+        raise PretrainedError(f"{what}: experts.<name>.quick_gelu is {_yaml(quick_gelu)} but the model name "
+                              f"{name!r} uses QuickGELU (quick_gelu: true); drop the key or the -quickgelu suffix")
+    wanted = quick_gelu if quick_gelu is not None else named
+    stated = stated_quick_gelu(name, pretrained, hub)
+    if stated is None:
+        if pretrained:
+            _log.warning("%s: pretrained %r does not state its activation (no hub tag, no open_clip_config.json), "
+                         "so QuickGELU vs GELU cannot be verified; using %s (experts.<name>.quick_gelu: %s)",
+                         what, pretrained, _activation(bool(wanted)), _yaml(bool(wanted)))
+        return quick_gelu
+    if wanted is not None and bool(wanted) != stated[0]:
+        source, fix = ((f"the model name {name!r}", "use the name without -quickgelu") if quick_gelu is None else
+                       ("experts.<name>.quick_gelu", f"set experts.<name>.quick_gelu: {_yaml(stated[0])}"))
+        raise PretrainedError(
+            f"{what}: {stated[1]} says the weights were trained with {_activation(stated[0])} (quick_gelu: "
+            f"{_yaml(stated[0])}) but {source} asks for {_activation(bool(wanted))} (quick_gelu: "
+            f"{_yaml(bool(wanted))}); {fix}")
+    return stated[0]
+
+
+def _activation(quick_gelu: bool) -> str:
+    return "QuickGELU" if quick_gelu else "GELU"
+
+
+def _yaml(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PretrainedError(f"cannot read {str(path)!r}: {type(err).__name__}: {err}") from err
+    return data if isinstance(data, dict) else {}
+
+
+def _load_folder(model: nn.Module, folder: str, what: str) -> None:
+    """Load a full open_clip CLIP state dict from a Hugging Face folder (shards merged) into ``model``;
+    position embeddings for another image size are interpolated as open_clip does for a file."""
+    from open_clip.model import resize_pos_embed
+
+    state_dict = read_state_dict(folder)
+    resize_pos_embed(state_dict, model)
+    load_into(model, state_dict, f"{what} pretrained folder {folder!r}")
+
+
 @EXPERTS.register("clip_vit")
 class ClipViT(Expert):
     """open_clip CLIP ViT image tower by name, applied per frame (CAST's spatial expert).
@@ -87,13 +194,21 @@ class ClipViT(Expert):
     Args:
         name: open_clip model name (``ViT-B-16``, ``ViT-L-14``, ``ViT-B-16-quickgelu``, ...).
         pretrained: ``None`` (random init), a local checkpoint file (open_clip or OpenAI layout, loaded
-            by open_clip itself; pass ``quick_gelu=True`` for OpenAI weights), or an open_clip hub tag
-            (``"openai"``, ``"laion2b_s34b_b88k"``, ...; online machines only).
+            by open_clip itself; pass ``quick_gelu=True`` for OpenAI weights), a Hugging Face
+            ``save_pretrained`` folder holding an open_clip state dict (one file or shards with their
+            index, read by :func:`~fusionkit.experts.pretrained.read_hf_folder`), or an open_clip hub
+            tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...; online machines only).
         frames: frame selection (:class:`FrameSelect` or ``{stride, offset, num}``).
         project: keep the image projection ``proj``; :meth:`pool` then returns
             ``ln_post(feature) @ proj`` (``output_dim`` wide). ``False`` (default) removes it.
-        quick_gelu: force QuickGELU (``True``) or GELU (``False``) in the MLPs; ``None`` follows
-            open_clip: the model name (``-quickgelu``) or, for a hub tag, the tag's own setting.
+        quick_gelu: QuickGELU (``True``) or GELU (``False``) in the MLPs; ``None`` follows the model
+            name (``-quickgelu``), else what the weights state. Weights trained with the other
+            activation load without a shape error but give features off by ~4e-2, so the choice is
+            checked against every source that states it: the model name, the hub tag (open_clip's
+            pretrained table) and the ``model_cfg.quick_gelu`` of an ``open_clip_config.json`` (or
+            ``config.json``) in the folder or beside the file. A contradiction raises
+            :class:`PretrainedError`; a bare state dict states nothing, so it loads with the chosen
+            activation and one logged warning that it could not be verified.
         img_size: input size override (open_clip's ``force_image_size``); position embeddings of a
             checkpoint for another size are interpolated by open_clip when loading.
         pool: ``"cls"`` / ``"avg"``; default follows the tower's ``pool_type`` (``tok`` -> ``cls``).
@@ -151,27 +266,11 @@ class ClipViT(Expert):
                       img_size: int | tuple[int, int] | None, kwargs: dict[str, Any]) -> nn.Module:
         import open_clip
 
-        create: dict[str, Any] = dict(kwargs)
         what = f"clip_vit {name!r}"
-        if pretrained is True:
-            raise PretrainedError(f"{what}: pretrained=True is ambiguous; pass an open_clip tag "
-                                  f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'}) "
-                                  "or a local checkpoint file")
-        hub = False
-        if pretrained:
-            pretrained = str(pretrained)
-            if is_local_file(pretrained):
-                if not os.path.isfile(pretrained):
-                    raise PretrainedError(f"{what}: pretrained weight file {pretrained!r} does not exist")
-            else:
-                tags = open_clip.list_pretrained_tags_by_model(name)
-                if pretrained not in tags and not open_clip.get_pretrained_cfg(name, pretrained):
-                    raise PretrainedError(f"{what}: pretrained={pretrained!r} is neither a local file nor an "
-                                          f"open_clip tag of this model (tags: {', '.join(tags) or 'none'})")
-                require_online(pretrained, what)
-                hub = True
-                if quick_gelu is None:
-                    quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+        kind = _source_kind(name, pretrained, what)
+        pretrained = str(pretrained) if pretrained else None
+        quick_gelu = resolve_quick_gelu(name, pretrained, kind == "hub tag", quick_gelu, what)
+        create: dict[str, Any] = dict(kwargs)
         if quick_gelu is True:
             create["force_quick_gelu"] = True
         elif quick_gelu is False:
@@ -180,21 +279,27 @@ class ClipViT(Expert):
             create["force_image_size"] = img_size
             if "vision_cfg" in create:  # a vision_cfg override replaces the config force_image_size edits
                 create["vision_cfg"] = {**create["vision_cfg"], "image_size": img_size}
+        by_open_clip = pretrained if kind in ("file", "hub tag") else None  # a folder is read by fusionkit
         try:
-            with contextlib.nullcontext() if pretrained else _quiet_root_logger():
+            with contextlib.nullcontext() if by_open_clip else _quiet_root_logger():
                 # random init is what pretrained=None asks for: drop open_clip's warning about it
-                model = open_clip.create_model(name, pretrained=pretrained or None, **create)
+                model = open_clip.create_model(name, pretrained=by_open_clip, **create)
         except Exception as err:
-            if pretrained:
-                source = "hub tag" if hub else "file"
-                raise PretrainedError(f"{what}: cannot load pretrained {source} {pretrained!r}: {err}") from err
+            if by_open_clip:
+                raise PretrainedError(f"{what}: cannot load pretrained {kind} {pretrained!r}: {err}") from err
             raise
+        if kind == "folder":
+            _load_folder(model, str(pretrained), what)
         return model.visual
 
     @property
     def ln_post(self) -> nn.Module:
         """CLIP's final LayerNorm (registered as ``pool_norm``, or ``final_norm`` for avg pooling)."""
         return self.final_norm if isinstance(self.pool_norm, nn.Identity) else self.pool_norm
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters without weight decay, as open_clip's ``VisionTransformer`` declares them."""
+        return {"positional_embedding", "class_embedding"}
 
     @property
     def layers(self) -> nn.ModuleList:  # type: ignore[override]

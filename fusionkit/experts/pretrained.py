@@ -1,13 +1,15 @@
 """Loading pretrained expert weights from local files (or the hub when the machine is online).
 
 ``pretrained:`` in a recipe is either a path to a local file in the model's own layout
-(``.safetensors``, ``.pth``/``.pt``/``.bin``, ``.npz`` for timm) or a hub name. Offline
-(``HF_HUB_OFFLINE=1``) a hub name fails at once with a message saying what to pass instead.
+(``.safetensors``, ``.pth``/``.pt``/``.bin``, ``.npz`` for timm), a Hugging Face
+``save_pretrained`` folder (:func:`read_hf_folder`), or a hub name. Offline (``HF_HUB_OFFLINE=1``)
+a hub name fails at once with a message saying what to pass instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -23,6 +25,10 @@ StateDict = dict[str, Tensor]
 
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".ckpt")
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_state")
+# a Hugging Face save_pretrained folder: a shard index (read first) or one weight file, in this order
+HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin",
+                   "open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's push_to_hf_hub
 
 
 class PretrainedError(FusionkitError, RuntimeError):
@@ -82,10 +88,13 @@ def unwrap_state_dict(obj: Any, error: type[Exception] = PretrainedError) -> Sta
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
-    """Read a checkpoint file (``.safetensors`` or a torch file) into a flat ``{key: tensor}``
-    (:func:`unwrap_state_dict`). Never unpickles arbitrary objects: torch files load with
-    ``weights_only=True``, allowing only the ``argparse.Namespace`` that training scripts save."""
+    """Read a checkpoint file (``.safetensors`` or a torch file) or a Hugging Face ``save_pretrained``
+    folder (:func:`read_hf_folder`) into a flat ``{key: tensor}`` (:func:`unwrap_state_dict`).
+    Never unpickles arbitrary objects: torch files load with ``weights_only=True``, allowing only
+    the ``argparse.Namespace`` that training scripts save."""
     path = Path(path)
+    if path.is_dir():
+        return read_hf_folder(path)
     if not path.is_file():
         raise PretrainedError(f"weight file {str(path)!r} does not exist")
     try:
@@ -102,6 +111,39 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
         return unwrap_state_dict(raw)
     except PretrainedError as err:
         raise PretrainedError(f"{str(path)!r}: {err}") from err
+
+
+def read_hf_folder(folder: str | os.PathLike[str]) -> StateDict:
+    """One flat state dict from a Hugging Face ``save_pretrained`` folder: the shards named by the
+    ``weight_map`` of ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``
+    (``model-00001-of-00002.safetensors``, ...), merged, or else the first of ``model.safetensors``,
+    ``pytorch_model.bin``, ``open_clip_model.safetensors``, ``open_clip_pytorch_model.bin``."""
+    folder = Path(folder)
+    index = next((folder / name for name in HF_INDEX_FILES if (folder / name).is_file()), None)
+    if index is not None:
+        return _read_shards(index)
+    single = next((folder / name for name in HF_WEIGHT_FILES if (folder / name).is_file()), None)
+    if single is None:
+        raise PretrainedError(f"weight folder {str(folder)!r} holds no weights: expected a Hugging Face "
+                              f"save_pretrained folder with one of {', '.join(HF_INDEX_FILES + HF_WEIGHT_FILES)}")
+    return read_state_dict(single)
+
+
+def _read_shards(index: Path) -> StateDict:
+    """The shards that the ``weight_map`` of ``index`` lists, read and merged (all must exist)."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise PretrainedError(f"cannot read the shard index {str(index)!r} (a JSON object with a "
+                              f"'weight_map' of key -> shard file): {type(err).__name__}: {err}") from err
+    missing = [name for name in shards if not (index.parent / name).is_file()]
+    if missing:
+        raise PretrainedError(f"weight folder {str(index.parent)!r}: {index.name} lists {len(shards)} shards "
+                              f"but {len(missing)} are missing: {', '.join(missing)}")
+    merged: StateDict = {}
+    for name in shards:
+        merged.update(read_state_dict(index.parent / name))
+    return merged
 
 
 def load_into(module: nn.Module, state_dict: StateDict, source: str, ignore: Callable[[str], bool] | None = None) -> None:
