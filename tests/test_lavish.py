@@ -84,7 +84,8 @@ def reference_lav(ad: LatentAdapter, source: torch.Tensor, target: torch.Tensor)
     """LAV(S -> T) for ONE window: source (S_s, C), target (S_t, C); batch norms in eval mode."""
     if ad.latents is not None:
         lat = ad.latents
-        lat = lat + torch.softmax(lat @ source.T, dim=-1) @ source
+        g_tk = 1.0 if ad.latent_gate is None else ad.latent_gate   # official gate_tk
+        lat = lat + g_tk * (torch.softmax(lat @ source.T, dim=-1) @ source)
         x = target + ad.fusion_gate * (torch.softmax(target @ lat.T, dim=-1) @ lat)
     else:
         x = target + ad.fusion_gate * (torch.softmax(target @ source.T, dim=-1) @ source)
@@ -103,11 +104,11 @@ def per_frame(ad, source, target, frames):
 
 # tests ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("latents", [2, 0])
-def test_adapter_matches_reference(latents: int) -> None:
+@pytest.mark.parametrize("latents, latent_gate", [(2, False), (2, True), (0, False)])
+def test_adapter_matches_reference(latents: int, latent_gate: bool) -> None:
     torch.manual_seed(0)
-    ad = LatentAdapter(16, latents=latents, reduction=4).double()
-    randomise(ad)
+    ad = LatentAdapter(16, latents=latents, reduction=4, latent_gate=latent_gate).double()
+    randomise(ad)  # latent_gate too: 0.5 + U[0, 1), not 1
     ad.eval()
     src, tgt = torch.randn(3, 7, 16, dtype=torch.float64), torch.randn(3, 5, 16, dtype=torch.float64)
     with torch.no_grad():
@@ -122,6 +123,9 @@ def test_adapter_is_zero_at_init_and_batch_norm_spans_all_tokens() -> None:
     ad = LatentAdapter(16, latents=2, reduction=4)
     assert ad.gate.item() == 0 and ad.fusion_gate.item() == 0 and bool((ad.latents >= 0).all())
     assert LatentAdapter(16, latent_init="zeros").latents.abs().sum() == 0
+    assert ad.latent_gate is None                                         # ungated unless asked
+    assert LatentAdapter(16, latent_gate=True).latent_gate.item() == 1    # official gate_tk: ones(1)
+    assert LatentAdapter(16, latents=0, latent_gate=True).latent_gate is None  # AVISH: nothing to gate
     src, tgt = torch.randn(3, 7, 16), torch.randn(3, 5, 16)
     assert ad(src, tgt).abs().max() == 0
     with torch.no_grad():
@@ -184,6 +188,7 @@ def forward_backward(model) -> set[str]:
     ("fusion.lavish.avish=true", {"audio_to_video", "video_to_audio"}, None),
     ("fusion.lavish.latents=0", {"audio_to_video", "video_to_audio"}, None),
     ("fusion.lavish.latents=4", {"audio_to_video", "video_to_audio"}, 4),
+    ("fusion.lavish.latent_gate=true", {"audio_to_video", "video_to_audio"}, 2),
     ("fusion.lavish.directions=[audio->video]", {"audio_to_video"}, 2),
     ("fusion.lavish.directions=[video->audio]", {"video_to_audio"}, 2),
     ("fusion.lavish.directions=[audio->video,audio->audio]", {"audio_to_video", "audio_to_audio"}, 2),
@@ -252,8 +257,8 @@ def test_swin_adapters_are_sized_per_stage() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, trainable, total, paper", [
-    ("lavish_vitb16", 4_644_989, 90_443_645, 4.7e6),
-    ("lavish_swinv2_l", 10_036_061, 205_238_993, 10.1e6),
+    ("lavish_vitb16", 4_645_037, 90_443_693, 4.7e6),
+    ("lavish_swinv2_l", 10_036_157, 205_239_089, 10.1e6),
 ])
 def test_recipe_parameter_counts(recipe: str, trainable: int, total: int, paper: float) -> None:
     model = fusionkit.build(recipe)

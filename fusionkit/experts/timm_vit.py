@@ -1,9 +1,15 @@
-"""``timm_vit``: any timm Vision Transformer, applied to each frame of a clip."""
+"""``timm_vit``: any timm Vision Transformer, applied to each frame of a clip.
+
+Inputs of another size than the model's (e.g. a 102 × 128 spectrogram image, LAVISH) need the
+position embedding resampled to the new patch grid; ``pos_resample`` says how (:data:`POS_RESAMPLE`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -12,6 +18,13 @@ from fusionkit.experts.base import Expert, FrameSelect, Tokens
 from fusionkit.experts.block import Block
 from fusionkit.experts.pretrained import PretrainedError, is_local_file, require_online
 from fusionkit.registry import EXPERTS
+
+# how the position embedding follows an input of another size than the model's:
+#   None      fixed input size (timm's strict patch embedding)
+#   bicubic   over the 2-D patch grid (timm's ``resample_abs_pos_embed``, its ``dynamic_img_size``)
+#   sequence  linearly over the flattened token sequence, CLS included: the official LAVISH code
+#             (``AVE/nets/my_vit.py``, ``forward_patch``), e.g. 197 -> 1 + 6·8 positions
+POS_RESAMPLE = (None, "bicubic", "sequence")
 
 
 def frame_select(frames: FrameSelect | dict[str, Any] | None) -> FrameSelect:
@@ -40,6 +53,12 @@ def create_timm_model(name: str, pretrained: str | bool | None, what: str, **kwa
         if kwargs.get("pretrained"):
             raise PretrainedError(f"{what} {name!r}: cannot load pretrained={pretrained!r}: {err}") from err
         raise
+
+
+def sequence_pos_embed(pos_embed: Tensor, length: int) -> Tensor:
+    """Position embedding ``(1, N, D)`` linearly interpolated along the token axis to ``(1, length, D)``
+    (half-pixel centres, ``align_corners=False``; the identity when ``length == N``)."""
+    return F.interpolate(pos_embed.transpose(1, 2), size=length, mode="linear", align_corners=False).transpose(1, 2)
 
 
 def attention_from_timm(attn: nn.Module) -> Attention:
@@ -77,6 +96,8 @@ class TimmViT(Expert):
             a hub tag to download (online machines only).
         frames: frame selection (:class:`FrameSelect` or ``{stride, offset, num}``).
         pool: ``"cls"`` or ``"avg"``; default follows the timm model's ``global_pool``.
+        pos_resample: ``None`` (inputs of the model's size only), ``"bicubic"`` or ``"sequence"``
+            (inputs of any size; see :data:`POS_RESAMPLE`).
         drop_path: stochastic depth of the blocks.
         frozen: freeze every parameter (default).
         **kwargs: passed to ``timm.create_model`` (``img_size``, ``depth``, ``embed_dim``, ...).
@@ -86,9 +107,18 @@ class TimmViT(Expert):
 
     def __init__(self, name: str = "vit_base_patch16_224", pretrained: str | bool | None = None,
                  frames: FrameSelect | dict[str, Any] | None = None, pool: str | None = None,
-                 drop_path: float = 0.0, frozen: bool = True, modality: str = "video", **kwargs: Any) -> None:
+                 pos_resample: str | None = None, drop_path: float = 0.0, frozen: bool = True,
+                 modality: str = "video", **kwargs: Any) -> None:
+        if pos_resample not in POS_RESAMPLE:
+            raise ValueError(f"timm_vit: unknown pos_resample {pos_resample!r}; valid: null, bicubic, sequence")
+        if pos_resample:
+            kwargs["dynamic_img_size"] = True  # any input size; tokens (B, h, w, D) from the patch embedding
         vit = create_timm_model(name, pretrained, "timm_vit", num_classes=0, drop_path_rate=drop_path, **kwargs)
         super().__init__(modality, pool or ("avg" if vit.global_pool == "avg" else "cls"))
+        if pos_resample == "sequence" and (vit.no_embed_class or vit.num_prefix_tokens != 1):
+            raise ValueError(f"timm_vit {name!r}: pos_resample 'sequence' needs one CLS token inside the "
+                             "position embedding (no registers, no no_embed_class)")
+        self.pos_resample = pos_resample
         vit.blocks = nn.ModuleList(block_from_timm(b, "space") for b in vit.blocks)
         vit.reset_classifier(0)
         self.vit = vit
@@ -105,13 +135,24 @@ class TimmViT(Expert):
         return self.vit.blocks
 
     def embed(self, inputs: Tensor) -> Tokens:
-        """Video ``(B, 3, T, H, W)`` (frames selected) or image ``(B, 3, H, W)`` to tokens."""
+        """Video ``(B, 3, T, H, W)`` (frames selected) or image ``(B, 3, H, W)`` to tokens ``(B, T·(E + h·w), D)``;
+        with ``pos_resample`` any ``H, W`` (``h, w = H // p, W // p`` for patch size ``p``)."""
         video = self.frames(inputs) if inputs.dim() == 5 else inputs[:, :, None]
         b, t = video.shape[0], video.shape[2]
-        x = self.vit.patch_embed(rearrange(video, "b c t h w -> (b t) c h w"))
+        frames = rearrange(video, "b c t h w -> (b t) c h w")
+        if self.pos_resample:  # rows / columns past the last whole patch fall outside the grid (a strided conv)
+            ph, pw = self.vit.patch_embed.patch_size
+            frames = frames[..., : frames.shape[-2] // ph * ph, : frames.shape[-1] // pw * pw]
+        x = self.vit.patch_embed(frames)
         grid = x.shape[1:3] if x.dim() == 4 else self.vit.patch_embed.grid_size
-        x = self.vit.norm_pre(self.vit.patch_drop(self.vit._pos_embed(x)))
+        x = self._sequence_pos_embed(x) if self.pos_resample == "sequence" else self.vit._pos_embed(x)
+        x = self.vit.norm_pre(self.vit.patch_drop(x))
         layout = TokenLayout(t, grid[0], grid[1], self.vit.num_prefix_tokens, per_frame_extras=True)
         return Tokens(rearrange(x, "(b t) s d -> b (t s) d", b=b), layout)
 
-
+    def _sequence_pos_embed(self, patches: Tensor) -> Tensor:
+        """Patch tokens ``(B', h, w, D)`` -> ``(B', 1 + h·w, D)``: CLS prepended, then the position
+        embedding resampled along the sequence (``pos_resample: sequence``)."""
+        x = patches.flatten(1, 2)
+        x = torch.cat([self.vit.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.vit.pos_drop(x + sequence_pos_embed(self.vit.pos_embed, x.shape[1]))

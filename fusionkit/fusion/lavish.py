@@ -7,14 +7,29 @@ the attention and to the MLP (paper eq. 4–5, layer norms omitted as in the pap
     Y_v = X_v + MHA(X_v) + LAV(X_a → X_v)        Y_a = X_a + MHA(X_a) + LAV(X_v → X_a)
     X_v' = Y_v + MLP(Y_v) + LAV(Y_a → Y_v)       X_a' = Y_a + MLP(Y_a) + LAV(Y_v → Y_a)
 
-One adapter ``LAV(S → T)`` (source tokens ``S`` ``(B, L_s, C)``, target ``T`` ``(B, L_t, C)``; the
-official ``VisualAdapter``, since the paper's eq. 8 swaps keys and values)::
+One adapter ``LAV(S → T)`` (source tokens ``S`` ``(B, L_s, C)``, target ``T`` ``(B, L_t, C)``), as the
+official ``VisualAdapter`` (``AVE/nets/net_trans.py``) computes it::
 
-    L'  = L + softmax(L · Sᵀ) · S                 compression: m latents ``(m, C)`` attend to S
+    L'  = L + g_tk · softmax(L · Sᵀ) · S          compression: m latents ``(m, C)`` attend to S
     x   = T + g_av · softmax(T · L'ᵀ) · L'        fusion: T attends to the m compressed latents
     out = g · LN_post(BN(Conv_up(ReLU(BN(Conv_down(LN_before(x)))))))
 
-single head, no projections, no ``1/√C`` scaling (both attentions go through
+Where the official code departs from the paper (eq. 6–8) — fusionkit follows the code:
+
+* **compression of the other modality**: the paper compresses each modality into its *own* latents
+  (eq. 7, ``S_a = CMA(L_a, X_a, X_a)``); the code's latents belong to the adapter of target ``T`` and
+  attend to the *source* stream ``S`` (the adapter's second argument, ``vis_token``);
+* **K = V**: the paper's fusion reads keys from the other modality's summary and values from the
+  own one (eq. 8, ``CMA(X_a, S_v, S_a)``); in the code keys and values are both the compressed
+  source latents ``L'``;
+* **gates**: both attentions are gated as in eq. 6, by two learnable scalars of their own: ``g_tk``
+  (``gate_tk``) on the compression, initialised to **1**, and ``g_av`` (``gate_av``) on the fusion,
+  initialised to 0. ``g_tk`` is a parameter only with ``latent_gate: true`` (the LAVISH recipes);
+  without it the compression is ungated (``g_tk ≡ 1``), as the binding benchmark's recorded runs have it;
+* **bottleneck**: eq. 9 is ``θ_up(σ(θ_down(x)))``; the output gate ``g`` (``gate``, 0 at init), the two
+  layer norms and the two batch norms are the code's additions.
+
+Both attentions are single-head, without projections or ``1/√C`` scaling (they go through
 :func:`fusionkit.attention.attention` with ``scale=1``); ``Conv_down`` / ``Conv_up`` are grouped 1×1
 convolutions ``C → C/r → C`` (``groups=2``, no bias), i.e. per-token block-diagonal linears.
 The batch norms normalise over every token of the batch (a ``BatchNorm2d`` over ``(B, C, L, 1)`` in
@@ -33,11 +48,12 @@ Site ``replace_attn``. At step ``ℓ`` the operator
    every expert's MLP step, and adds them at ``post_mlp``: ``X' = Y + MLP(Y) + LAV(Y_s → Y_e)``
    (the operator acts at two sites, ``sites = ("replace_attn", "post_mlp")``).
 
-At init both gates are 0, so every adapter outputs exactly 0 and the graph computes what the
+At init ``g_av`` and ``g`` are 0, so every adapter outputs exactly 0 and the graph computes what the
 experts compute alone. Parameters (``fusions.<name>.<step>.``)::
 
-    attn_adapters.<src>_to_<tgt>.latents (m, C)   fusion_gate (1,)   norm_before.*   down.weight (C/r, C/2, 1)
-    down_norm.* (BatchNorm C/r)   up.weight (C, C/(2r), 1)   up_norm.* (BatchNorm C)   norm_after.*   gate (1,)
+    attn_adapters.<src>_to_<tgt>.latents (m, C)   latent_gate (1,) (latent_gate: true)   fusion_gate (1,)
+    norm_before.*   down.weight (C/r, C/2, 1)   down_norm.* (BatchNorm C/r)   up.weight (C, C/(2r), 1)
+    up_norm.* (BatchNorm C)   norm_after.*   gate (1,)
     mlp_adapters.<src>_to_<tgt>.… (the same)
 
 Adapters are sized by the width of the step (``dims``), so stage-wise backbones (Swin) get
@@ -86,11 +102,13 @@ class LatentAdapter(nn.Module):
         reduction: ``r``, bottleneck width ``C / r`` (rounded up to a multiple of ``groups``).
         groups: groups of the two 1×1 convolutions (2 in LAVISH).
         latent_init: ``uniform`` (``U[0, 1)``, AVE) or ``zeros`` (AVQA).
+        latent_gate: a learnable gate ``g_tk`` (initialised to 1) on the compression, the official
+            ``gate_tk``; ``False``: ungated compression.
         norm_eps: epsilon of the two layer norms.
     """
 
     def __init__(self, dim: int, latents: int = 2, reduction: int = 8, groups: int = 2,
-                 latent_init: str = "uniform", norm_eps: float = 1e-5) -> None:
+                 latent_init: str = "uniform", latent_gate: bool = False, norm_eps: float = 1e-5) -> None:
         super().__init__()
         if latent_init not in LATENT_INITS:
             raise ValueError(f"lavish: unknown latent_init {latent_init!r}; valid: {', '.join(LATENT_INITS)}")
@@ -103,6 +121,7 @@ class LatentAdapter(nn.Module):
         self.dim, self.hidden = dim, hidden
         init = torch.rand if latent_init == "uniform" else torch.zeros
         self.latents = nn.Parameter(init(latents, dim)) if latents > 0 else None
+        self.latent_gate = nn.Parameter(torch.ones(1)) if latent_gate and latents > 0 else None  # g_tk
         self.fusion_gate = nn.Parameter(torch.zeros(1))  # g_av of the official code
         self.norm_before = nn.LayerNorm(dim, eps=norm_eps)
         self.down = nn.Conv1d(dim, hidden, 1, groups=groups, bias=False)
@@ -122,7 +141,8 @@ class LatentAdapter(nn.Module):
         if self.latents is None:  # AVISH: the target attends to every source token
             return self.fusion_gate * single_head_attention(target, kv)
         lat = self.latents.to(kv.dtype).expand(kv.shape[0], -1, -1)
-        lat = lat + single_head_attention(lat, kv)  # compression L' (B', m, C)
+        summary = single_head_attention(lat, kv)
+        lat = lat + (summary if self.latent_gate is None else self.latent_gate * summary)  # compression L' (B', m, C)
         return self.fusion_gate * single_head_attention(target, lat)
 
     def bottleneck(self, x: Tensor) -> Tensor:
@@ -161,6 +181,8 @@ class LAVISH(FusionOp):
         reduction: ``r``, bottleneck reduction (AVE 8, AVS/AVQA 4).
         groups: groups of the 1×1 convolutions (2).
         latent_init: ``uniform`` (AVE) or ``zeros`` (AVQA).
+        latent_gate: a learnable gate on the latents' compression, initialised to 1 (official
+            ``gate_tk``; the LAVISH recipes); ``false`` keeps it ungated.
         window: ``auto`` (``space`` when both experts have the same number of frames, else ``global``),
             ``space`` (frame ``t`` with frame ``t``) or ``global`` (whole clips).
         mlp: add the MLP-parallel adapters (the paper's design; ``false`` keeps only the attention ones).
@@ -168,13 +190,13 @@ class LAVISH(FusionOp):
     """
 
     sites = ("replace_attn", "post_mlp")  # adapters beside the attention, then beside the MLP
-    zero_init = True  # both gates start at 0: every adapter outputs exactly 0
+    zero_init = True  # g_av and the output gate start at 0: every adapter outputs exactly 0
 
     def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
                  step: int = 0, num_steps: int = 1, drop_path: float = 0.0,
                  directions: Sequence[str] | None = None, latents: int = 2, avish: bool = False,
-                 reduction: int = 8, groups: int = 2, latent_init: str = "uniform", window: str = "auto",
-                 mlp: bool = True, norm_eps: float = 1e-5) -> None:
+                 reduction: int = 8, groups: int = 2, latent_init: str = "uniform", latent_gate: bool = False,
+                 window: str = "auto", mlp: bool = True, norm_eps: float = 1e-5) -> None:
         super().__init__(experts=experts)
         if directions is None:
             if len(experts) != 2:
@@ -198,7 +220,8 @@ class LAVISH(FusionOp):
         self.pairs = pairs
         self.windows = {(s, t): self._window(window, layouts[s], layouts[t]) for s, t in pairs}
         m = 0 if avish else latents
-        options = dict(latents=m, reduction=reduction, groups=groups, latent_init=latent_init, norm_eps=norm_eps)
+        options = dict(latents=m, reduction=reduction, groups=groups, latent_init=latent_init,
+                       latent_gate=latent_gate, norm_eps=norm_eps)
         self.attn_adapters = nn.ModuleDict({f"{s}_to_{t}": LatentAdapter(dims[t], **options) for s, t in pairs})
         self._pending: dict[str, Tensor] = {}  # MLP-parallel updates between the two sites of a step
         self.mlp_adapters = nn.ModuleDict({f"{s}_to_{t}": LatentAdapter(dims[t], **options) for s, t in pairs}) \
