@@ -23,7 +23,13 @@ Per item:
 4. **motion** (optional): the H.264 / MPEG-4 motion vectors of the same frames, rasterised to
    float32 ``(2, T, size, size)`` (``dx, dy`` in output pixels, see :mod:`fusionkit.data.motion`)
    and cropped / resized / flipped with the video's draw; no colour ops, no normalisation.
-5. A file that cannot be decoded gives :class:`~fusionkit.data.collate.Skipped` (path, reason),
+5. **iframe** (optional): for each sampled frame, the keyframe that starts its GOP
+   (:func:`~fusionkit.data.compressed.keyframes`), decoded with the video's frames and transformed
+   and normalised exactly as they are (one draw for both) to float32 ``(3, T, size, size)``.
+6. **residual** (optional): each sampled frame minus its motion-compensated prediction from the
+   previous frame (:mod:`fusionkit.data.compressed`), float32 ``(3, T, size, size)`` in the video's
+   units (``/ 255 / std``, no mean), cropped / resized / flipped with the video's draw, no colour ops.
+7. A file that cannot be decoded gives :class:`~fusionkit.data.collate.Skipped` (path, reason),
    logged as a warning; :func:`~fusionkit.data.collate.collate` drops it and lists it.
 
 Randomness: each item draws everything from one item seed. With ``seed=None`` that seed comes from
@@ -45,15 +51,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fusionkit.data import decode, memo, motion, sampling
+from fusionkit.data import compressed, decode, memo, motion, sampling
 from fusionkit.data.collate import Skipped
+from fusionkit.data.corrupt import Corruption
 from fusionkit.data.manifest import Manifest
 from fusionkit.data.transforms import TrainTransform, norm_constants, normalize, to_video, view_crop
 from fusionkit.registry import DATASETS
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("video", "audio", "motion")
+MODALITIES = ("video", "audio", "motion", "iframe", "residual")
+VISUAL = ("video", "iframe", "motion", "residual")  # modalities read from the sampled frames
 MISSING = ("silence", "error", "skip")
 AUDIO_KEYS = ("sample_rate", "seconds", "missing", "frontend")
 VIEW_KEYS = ("clips", "crops")
@@ -80,7 +88,8 @@ class ManifestDataset(Dataset):
         root: folder relative media paths start from (default: the manifest's folder).
         heads: head → label column (default: every column but path / start / end / id / audio_path).
         classes: head → class-name file (one name per line; relative to the manifest's folder).
-        modalities: any of ``video``, ``audio``, ``motion`` (motion vectors of the video's frames).
+        modalities: any of ``video``, ``audio``, ``motion`` (motion vectors of the video's frames),
+            ``iframe`` (the keyframes of their GOPs), ``residual`` (motion-compensated residuals).
         frames: frames per clip; sampling: ``dense`` or ``segment``; stride: frame step (dense).
         size: output side of the square crops; short_side: test-time resize (default ``size``).
         train: training mode (random sampling and augmentation, one view per row).
@@ -98,6 +107,8 @@ class ManifestDataset(Dataset):
         decoded_cache_dir: also keep every decoded (file, frames) / audio window in this folder, shared
             by processes and later runs (:mod:`fusionkit.data.memo`; ``None``: off).
     """
+
+    corruption: Corruption | None = None  # set by `fusionkit eval --corrupt` (fusionkit.data.corrupt)
 
     def __init__(self, path: str | Path, root: str | Path | None = None, heads: Mapping[str, str] | None = None,
                  classes: Mapping[str, str] | None = None, modalities: Sequence[str] = ("video",),
@@ -231,7 +242,7 @@ class ManifestDataset(Dataset):
         out: dict[str, Any] = {}
         start = item.start or 0.0
         window = None  # (t0, t1) seconds the clip covers, relative to the media's origin
-        if "video" in self.modalities or "motion" in self.modalities:
+        if set(VISUAL) & set(self.modalities):
             if not info.has_video:
                 raise decode.DecodeError(f"{item.path} has no video stream")
             fps = info.fps
@@ -243,38 +254,32 @@ class ManifestDataset(Dataset):
             position = None if self.train else sampling.clip_positions(self.sampling, self.clips)[clip]
             idx = sampling.sample_indices(self.sampling, stop - first, self.frames, self.stride, position, rng)
             numbers = [first + i for i in idx]
-            video = None
-            if "video" in self.modalities:
-                video = to_video(self._memo(("frames", source, tuple(numbers)),
-                                            lambda: decode.read_frames(item.path, numbers, info)))
-            field = None
+            frames = self._pictures(item.path, source, numbers, info)  # uint8 (T, 3, H, W): video, iframe
+            fields: dict[str, torch.Tensor] = {}  # float (T, C, H, W): the video's crop / resize / flip only
+            if "residual" in self.modalities:
+                residual = compressed.decode_residual(item.path, numbers, info)  # (3, T, H, W)
+                fields["residual"] = torch.from_numpy(residual).transpose(0, 1)
             if "motion" in self.modalities:
-                field = torch.from_numpy(motion.decode_motion(item.path, numbers, info))
-                if video is None:  # motion alone: a stand-in of the video's size for the shared draw
-                    video = torch.zeros(len(numbers), 3, *field.shape[-2:], dtype=torch.uint8)
-            if self.train:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(rng.randrange(2**62))
-                    if field is None:
-                        video = self.augment(video)
-                    else:
-                        paired: dict[str, torch.Tensor] = {}
+                moved: dict[str, dict[str, torch.Tensor]] = {}
 
-                        def joint(f: torch.Tensor) -> torch.Tensor:
-                            paired["video"], f = self.augment.paired(video, f)
-                            return f
+                def joint(f: torch.Tensor) -> torch.Tensor:  # the field's coordinate frame joins the one draw
+                    moved["frames"], moved["fields"] = self._spatial(frames, {**fields, "motion": f}, rng, crop)
+                    return moved["fields"].pop("motion")
 
-                        field = motion.geometric(field, joint)
-                        video = paired["video"]
+                field = torch.from_numpy(motion.decode_motion(item.path, numbers, info))  # (2, T, H, W)
+                out["motion"] = motion.geometric(field, joint)
+                frames, fields = moved["frames"], moved["fields"]
             else:
-                crop_at = sampling.crop_positions(self.crops)[crop]
-                video = view_crop(video, self.size, crop_at, self.short_side)
-                if field is not None:
-                    field = motion.geometric(field, lambda f: view_crop(f, self.size, crop_at, self.short_side))
-            if "video" in self.modalities:
+                frames, fields = self._spatial(frames, fields, rng, crop)
+            if "video" in frames:
+                video = frames["video"]
+                if self.corruption is not None:  # fusionkit eval --corrupt: the uint8 view, after the memo
+                    video = self.corruption.video(video, (item.clip_id, clip))
                 out["video"] = normalize(video, self.mean, self.std)
-            if field is not None:
-                out["motion"] = field
+            if "iframe" in frames:
+                out["iframe"] = normalize(frames["iframe"], self.mean, self.std)
+            if "residual" in fields:
+                out["residual"] = compressed.normalize_residual(fields["residual"], self.std)
             out["frame_index"] = torch.tensor(numbers, dtype=torch.long)
             window = (min(numbers) / fps, (max(numbers) + 1) / fps)
         missing = False
@@ -287,6 +292,44 @@ class ManifestDataset(Dataset):
         out["path"] = item.path
         out["audio_missing"] = bool(missing)
         return out
+
+    def _pictures(self, path: str, source: tuple | None, numbers: list[int],
+                  info: decode.MediaInfo) -> dict[str, torch.Tensor]:
+        """uint8 ``(T, 3, H, W)`` ``video`` (the sampled frames) and ``iframe`` (the keyframes of their
+        GOPs, :func:`~fusionkit.data.compressed.keyframes`) as one decode: the same code path."""
+        wanted = {"video": numbers} if "video" in self.modalities else {}
+        if "iframe" in self.modalities:
+            wanted["iframe"] = self._memo(("keyframes", source, tuple(numbers)),
+                                          lambda: compressed.keyframes(path, numbers, info))
+        if not wanted:
+            return {}
+        every = [n for group in wanted.values() for n in group]
+        frames = to_video(self._memo(("frames", source, tuple(every)), lambda: decode.read_frames(path, every, info)))
+        return dict(zip(wanted, frames.split(len(numbers))))
+
+    def _spatial(self, frames: dict[str, torch.Tensor], fields: dict[str, torch.Tensor], rng: random.Random,
+                 crop: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One draw for the whole clip: ``frames`` (uint8 ``(T, 3, H, W)``) take the video's transform
+        (train augmentation or the test view), ``fields`` (float ``(T', C, H, W)``) its crop / resize /
+        flip only; returned with the same keys, at ``size × size``."""
+        h, w = next(iter({**frames, **fields}.values())).shape[-2:]
+        rgb = torch.cat(list(frames.values())) if frames else torch.zeros(1, 3, h, w, dtype=torch.uint8)  # stand-in
+        flat = torch.cat([f.reshape(1, -1, h, w) for f in fields.values()], 1) if fields else None
+        if self.train:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(rng.randrange(2**62))
+                if flat is None:
+                    rgb = self.augment(rgb)
+                else:
+                    rgb, flat = self.augment.paired(rgb, flat)
+        else:
+            crop_at = sampling.crop_positions(self.crops)[crop]
+            rgb = view_crop(rgb, self.size, crop_at, self.short_side)
+            flat = None if flat is None else view_crop(flat, self.size, crop_at, self.short_side)
+        out_frames = dict(zip(frames, rgb.split([f.shape[0] for f in frames.values()]) if frames else ()))
+        parts = flat.split([f.shape[0] * f.shape[1] for f in fields.values()], 1) if fields else []
+        out_fields = {k: p.reshape(f.shape[0], f.shape[1], *p.shape[-2:]) for (k, f), p in zip(fields.items(), parts)}
+        return out_frames, out_fields
 
     def _source(self, path: str | Path) -> tuple | None:
         """The memo key of a media file, ``None`` when nothing decoded is remembered."""
@@ -323,6 +366,9 @@ class ManifestDataset(Dataset):
                 pos = rng.random() if self.train else sampling.clip_positions("dense", self.clips)[clip]
                 t0 = lo + slack * pos
                 t1 = t0 + seconds
+        if self.corruption is not None:  # audio_shift: the shifted window is read from the file
+            shift = self.corruption.audio_shift((item.clip_id, clip))
+            t0, t1 = t0 + shift, t1 + shift
         path, origin = (item.audio_path, 0.0) if item.audio_path is not None else (item.path, info.origin)
         source = self._source(path)
         wave = self._memo(("audio", source, t0, t1, rate, origin),
@@ -337,6 +383,8 @@ class ManifestDataset(Dataset):
             if policy == "skip":
                 raise decode.DecodeError(f"{source} has no audio track (audio.missing: skip)")
             wave = torch.zeros(int(round((t1 - t0) * rate)), dtype=torch.float32)
+        if self.corruption is not None:
+            wave = self.corruption.audio(wave, rate, (item.clip_id, clip))
         if self.frontend is not None:
             with torch.no_grad():
                 wave = self.frontend(wave[None], rate)[0]

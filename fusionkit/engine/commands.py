@@ -2,7 +2,7 @@
 
     fusionkit train RECIPE [key=value ...] [--output-dir D] [--resume [CKPT]] [--no-progress]
     fusionkit config RECIPE [key=value ...] [--json]     # the resolved recipe, every train/eval default
-    fusionkit eval RECIPE --checkpoint C [key=value ...] [--split val] [--json]
+    fusionkit eval RECIPE --checkpoint C [key=value ...] [--split val] [--corrupt SPEC ...] [--json]
     fusionkit predict RECIPE --video FILE [--checkpoint C] [key=value ...] [--topk 5] [--json]
     fusionkit predict RECIPE (--video FOLDER | --manifest FILE) (--out FILE.csv|.jsonl [--overwrite] | --json)
                       [--batch-size 8] [--no-progress] ...      # one row per clip (predict_batch)
@@ -36,12 +36,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fusionkit.engine import distributed
-    from fusionkit.engine.evaluate import run_eval
+    from fusionkit.engine.evaluate import run_eval, run_robustness
 
+    options = {"progress": False if (args.no_progress or args.json) else None,
+               "console": _quiet_console() if args.json else None}
     try:
-        metrics = run_eval(args.recipe, args.checkpoint, args.overrides, args.split,
-                           progress=False if (args.no_progress or args.json) else None,
-                           console=_quiet_console() if args.json else None)
+        if args.corrupt:  # {"clean": metrics, spec: metrics, ...}
+            metrics = run_robustness(args.recipe, args.checkpoint, args.corrupt, args.overrides, args.split, **options)
+        else:
+            metrics = run_eval(args.recipe, args.checkpoint, args.overrides, args.split, **options)
     finally:
         distributed.cleanup()
     if args.json and distributed.info().is_main:
@@ -133,7 +136,12 @@ def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
                        "several sets) of a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by fusionkit train")
     p.add_argument("--split", default=None, help="data section to evaluate (val or test; default eval.split)")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--corrupt", action="append", default=[], metavar="SPEC",
+                   help="also evaluate under this corruption, side by side with clean (repeatable): audio_shift:2, "
+                        "audio_drop:0.2, gaussian_noise:snr=10, pink_noise:snr=10, frame_drop:0.25, blur:sigma=1.5, "
+                        "jpeg:quality=20, occlusion:0.25 (docs/engine.md, Robustness)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON ({clean: ..., SPEC: ...} with "
+                   "--corrupt)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
     p.set_defaults(func=cmd_eval)
     parsers.append(p)

@@ -71,7 +71,8 @@ class MMViTBackbone(TimmViT):
                  frames: FrameSelect | dict[str, Any] | None = None, pool: str | None = None,
                  drop_path: float = 0.0, frozen: bool = True, modality: str = "video", num_frames: int = 8,
                  **kwargs: Any) -> None:
-        super().__init__(name, pretrained, frames, pool, drop_path, frozen=False, modality=modality, **kwargs)
+        super().__init__(name, pretrained, frames, pool, drop_path=drop_path, frozen=False, modality=modality,
+                         **kwargs)
         vit = self.vit
         if getattr(vit, "cls_token", None) is None or getattr(vit, "reg_token", None) is not None \
                 or vit.num_prefix_tokens != 1 or getattr(vit, "no_embed_class", False):
