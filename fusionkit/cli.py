@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from fusionkit import converters, describe
-    from fusionkit.engine import ablate, bench, commands, plots
+    from fusionkit.engine import ablate, bench, commands, export, plots
 
-    for module in (describe, converters, commands, ablate, plots, bench):
+    for module in (describe, converters, commands, ablate, plots, bench, export):
         module.add_command(sub)
     return parser
 

@@ -67,11 +67,12 @@ class BlockDiagonal:
         return cls(tuple(int(s) for s in seqlens), tuple(int(s) for s in seqlens))
 
     def materialize(self, device: torch.device | None = None) -> Tensor:
-        """The ``(Lq, Lk)`` bool mask, ``True`` where a query may attend a key."""
+        """The ``(Lq, Lk)`` bool mask, ``True`` where a query may attend a key (its size known without reading
+        the lengths tensor, which ``torch.export`` needs)."""
         q_ids = torch.repeat_interleave(torch.arange(len(self.q_seqlens), device=device),
-                                        torch.tensor(self.q_seqlens, device=device))
+                                        torch.tensor(self.q_seqlens, device=device), output_size=sum(self.q_seqlens))
         k_ids = torch.repeat_interleave(torch.arange(len(self.kv_seqlens), device=device),
-                                        torch.tensor(self.kv_seqlens, device=device))
+                                        torch.tensor(self.kv_seqlens, device=device), output_size=sum(self.kv_seqlens))
         return q_ids[:, None] == k_ids[None, :]
 
 

@@ -305,7 +305,7 @@ class MMViT(FusionOp):
         for (_, layout), names in groups.items():
             y = windowed(fns[names[0]], torch.cat([h[e] for e in names]), layout, window, query_extras=extras,
                          key_extras=extras)
-            out.update(zip(names, y.chunk(len(names))))
+            out.update(zip(names, y.split([h[e].shape[0] for e in names])))  # chunk(1) would fix a dynamic batch
         return out
 
     def _shared_layer(self, layers: Mapping[str, nn.Module]) -> nn.Module:
