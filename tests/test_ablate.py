@@ -205,6 +205,32 @@ def test_jobs_run_side_by_side_in_workers_with_the_same_results(tmp_path, data_r
     assert "2 runs (2 finished before)" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # about 16 s on 2 cores: the same reduced ablation twice, each generating its own data
+def test_two_calls_from_fresh_data_give_bit_identical_stages_and_results(tmp_path):
+    """The data are generated anew by each call (its own folder), decoded by two workers; every exported
+    stage weight and every metric must be equal, not close (follow-up 1 of docs/results.md)."""
+    from safetensors.torch import load_file
+
+    outs = []
+    for call in ("one", "two"):
+        root = tmp_path / f"data-{call}"
+        small = ["train.epochs=1", "train.batch_size=8", "data.train.count=24", "data.val.count=8",
+                 f"data.train.root={root}", f"data.val.root={root}", "data.train.progress=false",
+                 "data.val.progress=false"]
+        stages = {name: {"recipe": f"binding/pretrain_{name}", "expert": name, "overrides": small}
+                  for name in ("spatial", "temporal")}
+        (tmp_path / call).mkdir()
+        path = ablation_file(tmp_path / call, root, pretrain=stages)
+        assert main(["ablate", str(path), "--output-dir", str(tmp_path / call / "out"), "--no-progress",
+                     "--jobs", "2"]) == 0
+        outs.append(tmp_path / call / "out")
+    for stage in ("spatial", "temporal"):
+        w1, w2 = (load_file(str(o / "pretrain" / stage / "expert.safetensors")) for o in outs)
+        assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1), stage
+    rows1, rows2 = (json.loads((o / "results.json").read_text()) for o in outs)
+    assert [r["metrics"] for r in rows1] == [r["metrics"] for r in rows2]
+
+
 def test_jobs_must_be_a_positive_whole_number(tmp_path, data_root):
     path = ablation_file(tmp_path, data_root)
     assert load_ablation(path, ["jobs=3"]).jobs == 3 and load_ablation(path).jobs == 1

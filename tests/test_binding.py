@@ -16,7 +16,7 @@ import fusionkit  # noqa: F401 - registers the datasets
 from fusionkit.data import binding
 from fusionkit.data.binding import (DIRECTIONS, FRAMES, HALF_PATH, PITCHES, SAMPLE_RATE, SHAPES, SPRITE, SPRITES,
                                     STEPS, BindingDataset, clip_rng, frame_mask, paint, render_clip, sample_clip,
-                                    set_folder, trajectory, write_binding)
+                                    set_folder, trajectory, write_binding, write_clip)
 from fusionkit.engine.config import check_dataset_spec
 from fusionkit.recipes import RecipeError
 from fusionkit.registry import DATASETS
@@ -193,6 +193,20 @@ def test_round_trip_through_the_registered_dataset(tmp_path):
         assert (rms[on] > 0.3).all() and (rms[~on] < 0.02).all(), rms
         lag = np.correlate(wave, audio, "full").argmax() - (len(audio) - 1)
         assert abs(lag) <= 1  # AAC priming is trimmed: the audio is aligned with the frames
+
+
+def test_clips_decode_to_exactly_the_encoders_input(tmp_path):
+    """Lossless H.264: every decoded frame's yuv420p planes equal those of the rendered frame, so the
+    decoded data cannot depend on the encoder's decisions (which vary between runs at crf > 0)."""
+    for index in range(6):
+        row = write_clip((str(tmp_path), "binding", "train", 3, index))
+        frames, _, _ = render_clip("binding", clip_rng("binding", "train", 3, index))
+        with av.open(str(tmp_path / row["path"])) as container:
+            decoded = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
+        drawn = [av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p").to_ndarray() for f in frames]
+        assert len(decoded) == len(drawn) == FRAMES
+        for got, want in zip(decoded, drawn):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_pretrain_set_and_recipe_spec(tmp_path):

@@ -46,7 +46,7 @@ from fusionkit.data.dataset import ManifestDataset
 from fusionkit.data.encode import write_video
 from fusionkit.registry import DATASETS
 
-VERSION = 1  # bump whenever the generated clips change: it names the cache folder and is checked in meta.json
+VERSION = 2  # bump whenever the generated clips change: it names the cache folder and is checked in meta.json
 KINDS = ("binding", "pretrain")
 SPLITS = ("train", "val", "test")
 DEFAULT_COUNTS = {"train": 16000, "val": 2000, "test": 2000}
@@ -63,7 +63,11 @@ GAP = SPRITE + 1  # M (time-averaged) and S are >= 8 px apart on both axes: S is
 PAIRS = np.array([(a, b) for a in MEAN_RANGE for b in MEAN_RANGE if abs(a - b) >= GAP])  # (20, 2) per axis
 AMPLITUDE, RAMP = 0.5, 0.005  # tone amplitude, raised-cosine ramp (s)
 BRIGHT = 160  # a colour's brightest channel is at least this
-ENCODER = {"crf": "1", "bf": "0", "threads": "1"}  # libx264, one keyframe per clip (gop = FRAMES)
+# libx264, lossless (crf 0), one keyframe per clip (gop = FRAMES). Lossy settings made the data differ
+# between calls: x264 does not always take the same decisions for the same frames (measured at crf 1:
+# a few clips per thousand, decoded pixels up to 3 levels apart), so stages trained on two generations
+# of one set diverged. Lossless, the decoded frames are the encoder's yuv420p input, whatever it decides.
+ENCODER = {"crf": "0", "bf": "0", "threads": "1"}
 AUDIO_ENCODER = {"aac_coder": "fast"}  # half the time of the default coder; pure tones stay > 39 dB SNR
 MANIFEST, FACTS, META = "manifest.csv", "facts.csv", "meta.json"
 
