@@ -46,12 +46,14 @@ from __future__ import annotations
 
 import importlib.resources
 import inspect
+import functools
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -271,7 +273,61 @@ def _check_options(path: str, spec: Mapping[str, Any], cls: type, graph_keys: Se
     if not var_kw:
         check_keys(path, options, [*graph_keys, *(n for n in names if n not in given)],
                    f"{spec['type']!r} ({cls.__name__})")
+    hook = getattr(cls, "check_options", None)  # combinations a class rejects, e.g. bca's ratio with mode: full
+    if hook is not None:
+        _build(path, hook, options={k: v for k, v in options.items() if k not in graph_keys})
     return options
+
+
+def _on_meta(cls: type) -> Any:
+    @functools.wraps(cls)
+    def build(**kwargs: Any) -> Any:
+        with torch.device("meta"):
+            return cls(**kwargs)
+    return build
+
+
+def _dry_build(path: str, cls: type, options: Mapping[str, Any]) -> None:
+    """An expert whose factory takes ``**kwargs`` (timm, open_clip) is built once on the meta device
+    without weights (no memory, no initialisation, a fraction of a second), so that a key the library
+    behind it does not take fails before anything is built. Only that error is reported here: anything
+    else the meta device cannot do is left to the real build."""
+    names, var_kw = accepted_keys(cls)
+    if not var_kw or getattr(cls, "needs_experts", ()):
+        return
+    dry = {k: v for k, v in options.items() if k not in EXPERT_KEYS}
+    if "pretrained" in names:
+        dry["pretrained"] = None
+    try:
+        _build(path, _on_meta(cls), **dry)
+    except RecipeError as err:
+        if isinstance(err.__cause__, TypeError) and UNEXPECTED_KWARG.search(str(err.__cause__)):
+            raise
+    except Exception:  # noqa: BLE001 - not a configuration error: the real build reports it
+        pass
+
+
+def _present(section: Any) -> Iterable[tuple[str, Any]]:
+    return ((name, spec) for name, spec in (section or {}).items() if spec is not None)  # null removes an entry
+
+
+def check_config(cfg: Mapping[str, Any]) -> None:
+    """Every section of a loaded recipe checked before any module is built: section types, every
+    key of every expert (those of ``**kwargs`` factories by a build on the meta device), adapter,
+    operator and head, and the trainable section. Raises :class:`RecipeError` naming the key."""
+    for name, spec in _present(cfg.get("experts")):
+        path = f"experts.{name}"
+        cls = _section_class(path, spec, EXPERTS)
+        options = _check_options(path, spec, cls, EXPERT_KEYS)
+        if isinstance(spec.get("adapters"), Mapping):
+            check_keys(f"{path}.adapters", spec["adapters"], ADAPTER_KEYS, "adapters")
+        _dry_build(path, cls, options)
+    for section, registry, keys, given in (("fusion", FUSIONS, OPERATOR_KEYS, GRAPH_GIVEN),
+                                           ("heads", HEADS, HEAD_KEYS, ("dims", "name"))):
+        for name, spec in _present(cfg.get(section)):
+            _check_options(f"{section}.{name}", spec, _section_class(f"{section}.{name}", spec, registry), keys,
+                           given)
+    check_keys("trainable", dict(cfg.get("trainable") or {}), TRAINABLE_KEYS, "trainable")
 
 
 def _steps(path: str, layers: Any, num_steps: int) -> list[int]:
@@ -324,6 +380,7 @@ def _build(path: str, fn: Any, **kwargs: Any) -> Any:
 
 def build_from_config(cfg: Mapping[str, Any]) -> FusionModel:
     """Build the model a loaded recipe describes (see :func:`build`)."""
+    check_config(cfg)
     inputs = {k: v for k, v in (cfg.get("inputs") or {}).items() if v is not None}  # null removes an input
     if not inputs:
         raise RecipeError("recipe key 'inputs' is missing: give one sample's shape per modality, "

@@ -33,6 +33,7 @@ Site: ``post_attn`` (between attention and MLP), as in CAST.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -134,6 +135,20 @@ class BCA(FusionOp):
     site = "post_attn"
     zero_init = True  # zero up-projection / output projection / adapter
     example = {"heads": 4}
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Reject an option set away from its default that the chosen ``mode`` would silently ignore
+        (checked before anything is built; ``cast.yaml``'s ``ratio: 0.5``, the default, stays valid
+        under ``mode=full``)."""
+        mode = options.get("mode", "bottleneck")
+        ignored = {"ratio", "bottleneck_dim"} if mode in ("full", "full_adapter") else set()
+        ignored |= {"adapter_ratio"} if mode != "full_adapter" else set()
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+        given = sorted(k for k in ignored & set(options) if options[k] != defaults[k])
+        if given:
+            raise ValueError(f"{given[0]!r} = {options[given[0]]!r} has no effect with mode {mode!r} (the bottleneck "
+                             "width is mode bottleneck's, adapter_ratio mode full_adapter's)")
 
     def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
                  directions: Mapping[str, Mapping[str, str] | None] | None = None, step: int = 0, num_steps: int = 1,
