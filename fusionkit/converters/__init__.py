@@ -13,9 +13,12 @@ and the ``fusionkit convert NAME IN OUT`` command (:func:`add_command`). One mod
 * :mod:`fusionkit.converters.cast`: ``cast-official`` (KHU-VLL/CAST ``STCrossTransformer``) <->
   recipes ``cast`` / ``cast_k400``;
 * :mod:`fusionkit.converters.lavish`: ``lavish-official`` (GenjiB/LAVISH AVE ``MMIL_Net`` with a
-  ViT) <-> recipe ``lavish_vitb16``.
+  ViT) <-> recipe ``lavish_vitb16``;
+* :mod:`fusionkit.converters.lavish_swin`: ``lavish-swin-official`` (the same model with its Swin-V2)
+  <-> recipe ``lavish_swinv2_l``.
 
-This module holds the table (the shared helpers are in :mod:`fusionkit.converters.base`) and the file and command-line functions. Every result loads with
+This module holds the table (the shared helpers are in :mod:`fusionkit.converters.base`) and the
+file and command-line functions. Every result loads with
 ``load_state_dict(strict=True)`` into the model that ``fusionkit.build`` makes from the converter's
 recipe; unknown and missing official keys fail with one message naming them. See docs/convert.md.
 """
@@ -36,6 +39,7 @@ from fusionkit.converters.base import (ConvertError, Converter, StateDict, check
                                        unwrap)
 from fusionkit.converters.cast import CAST_CONVERTER, cast_from_official, cast_to_official, cast_variant  # noqa: F401
 from fusionkit.converters.lavish import LAVISH_CONVERTER
+from fusionkit.converters.lavish_swin import LAVISH_SWIN_CONVERTER
 from fusionkit.experts.pretrained import PretrainedError, read_state_dict
 from fusionkit.registry import closest
 
@@ -47,7 +51,8 @@ __all__ = ["CONVERTERS", "ConvertError", "Converter", "add_command", "cast_varia
 # ---------------------------------------------------------------------------------------------------
 
 
-CONVERTERS: dict[str, Converter] = {conv.name: conv for conv in (CAST_CONVERTER, LAVISH_CONVERTER)}
+CONVERTERS: dict[str, Converter] = {conv.name: conv for conv in (CAST_CONVERTER, LAVISH_CONVERTER,
+                                                                      LAVISH_SWIN_CONVERTER)}
 
 
 def get_converter(name: str) -> Converter:

@@ -71,20 +71,29 @@ def _num_blocks(keys: Iterable[str], pattern: re.Pattern[str], what: str) -> int
     return max(found) + 1   # a gap shows up as missing keys of that block
 
 
+def adapter_rules(i: int, step: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(renames, convolutions)`` of the four adapters of official block ``i`` (counted over the whole
+    backbone), which sit at graph step ``step`` of the LAVISH operator: ``(official, fusionkit)`` pairs."""
+    renames, convs = [], []
+    for official, adapter in _ADAPTERS.items():
+        o, f = f"{official}.{i}", f"{_F}.{step}.{adapter}"
+        renames += [(f"{o}.{a}", f"{f}.{b}") for a, b in _ADAPTER_LEAVES]
+        convs += [(f"{o}.{a}", f"{f}.{b}") for a, b in _ADAPTER_CONVS]
+    return renames, convs
+
+
 def _rules(n: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """``(renames, convolutions)`` for ``n`` blocks, each a list of ``(official, fusionkit)`` keys."""
     renames, convs = list(_GLOBAL), []
     for i in range(n):
         for module in _VIT_BLOCK:
             renames += leaf_pairs(f"ViT.v.blocks.{i}.{module}", f"{_V}.vit.blocks.{i}.{module}")
-        for official, adapter in _ADAPTERS.items():
-            o, f = f"{official}.{i}", f"{_F}.{i}.{adapter}"
-            renames += [(f"{o}.{a}", f"{f}.{b}") for a, b in _ADAPTER_LEAVES]
-            convs += [(f"{o}.{a}", f"{f}.{b}") for a, b in _ADAPTER_CONVS]
+        more, conv = adapter_rules(i, i)
+        renames, convs = renames + more, convs + conv
     return renames, convs
 
 
-def _reshaped(key: str, value: Tensor, ndim: int, what: str) -> Tensor:
+def reshaped(key: str, value: Tensor, ndim: int, what: str) -> Tensor:
     """A 1×1 convolution weight ``(C_out, C_in / g, 1[, 1])`` with one trailing 1 added or removed."""
     if value.dim() != ndim or value.shape[-1] != 1:
         raise ConvertError(f"{what}: {key} has shape {tuple(value.shape)}; expected a {ndim}-D 1x1 "
@@ -99,7 +108,7 @@ def lavish_from_official(state_dict: Mapping[str, Tensor]) -> StateDict:
     renames, convs = _rules(n)
     check_keys(sd, [o for o, _ in renames + convs], "lavish-official", f" ({n} blocks, recipe {RECIPE!r})")
     out: StateDict = {f: sd[o] for o, f in renames}
-    out.update({f: _reshaped(o, sd[o], 4, "lavish-official") for o, f in convs})
+    out.update({f: reshaped(o, sd[o], 4, "lavish-official") for o, f in convs})
     return out
 
 
@@ -110,7 +119,7 @@ def lavish_to_official(state_dict: Mapping[str, Tensor]) -> StateDict:
     renames, convs = _rules(n)
     check_keys(sd, [f for _, f in renames + convs], "lavish-official export", f" ({n} blocks, recipe {RECIPE!r})")
     out: StateDict = {o: sd[f] for o, f in renames}
-    out.update({o: _reshaped(f, sd[f], 3, "lavish-official export") for o, f in convs})
+    out.update({o: reshaped(f, sd[f], 3, "lavish-official export") for o, f in convs})
     return out
 
 
@@ -127,4 +136,4 @@ LAVISH_CONVERTER = Converter(
     "LAVISH (GenjiB/LAVISH AVE MMIL_Net, shared ViT + 4 latent adapters per block) <-> recipe lavish_vitb16",
     lavish_from_official, lavish_to_official, _describe)
 
-__all__ = ["LAVISH_CONVERTER", "lavish_from_official", "lavish_to_official"]
+__all__ = ["LAVISH_CONVERTER", "adapter_rules", "lavish_from_official", "lavish_to_official", "reshaped"]
