@@ -101,26 +101,30 @@ def reshaped(key: str, value: Tensor, ndim: int, what: str) -> Tensor:
     return value[..., 0] if ndim == 4 else value[..., None]
 
 
+def apply_rules(sd: Mapping[str, Tensor], rules: tuple[list[tuple[str, str]], list[tuple[str, str]]], what: str,
+                hint: str, export: bool = False) -> StateDict:
+    """``sd`` renamed by ``(official, fusionkit)`` key pairs (``rules``: renames, 1×1 convolutions;
+    read right to left for an ``export``), after one check of every key; the convolutions' weights
+    lose (import) or gain (export) their trailing 1."""
+    renames, convs = ([(f, o) for o, f in pairs] for pairs in rules) if export else rules
+    check_keys(sd, [src for src, _ in renames + convs], what, hint)
+    out: StateDict = {dst: sd[src] for src, dst in renames}
+    out.update({dst: reshaped(src, sd[src], 3 if export else 4, what) for src, dst in convs})
+    return out
+
+
 def lavish_from_official(state_dict: Mapping[str, Tensor]) -> StateDict:
     """Official LAVISH (AVE, ViT) state dict, any number of blocks -> fusionkit keys."""
     sd = unwrap(state_dict)
     n = _num_blocks(sd, _OFFICIAL_BLOCK, "lavish-official")
-    renames, convs = _rules(n)
-    check_keys(sd, [o for o, _ in renames + convs], "lavish-official", f" ({n} blocks, recipe {RECIPE!r})")
-    out: StateDict = {f: sd[o] for o, f in renames}
-    out.update({f: reshaped(o, sd[o], 4, "lavish-official") for o, f in convs})
-    return out
+    return apply_rules(sd, _rules(n), "lavish-official", f" ({n} blocks, recipe {RECIPE!r})")
 
 
 def lavish_to_official(state_dict: Mapping[str, Tensor]) -> StateDict:
     """fusionkit LAVISH state dict (recipe ``lavish_vitb16``, ``latent_gate: true``) -> the official layout."""
     sd = unwrap(state_dict)
     n = _num_blocks(sd, _FUSIONKIT_BLOCK, "lavish-official export")
-    renames, convs = _rules(n)
-    check_keys(sd, [f for _, f in renames + convs], "lavish-official export", f" ({n} blocks, recipe {RECIPE!r})")
-    out: StateDict = {o: sd[f] for o, f in renames}
-    out.update({o: reshaped(f, sd[f], 3, "lavish-official export") for o, f in convs})
-    return out
+    return apply_rules(sd, _rules(n), "lavish-official export", f" ({n} blocks, recipe {RECIPE!r})", export=True)
 
 
 def _describe(state_dict: Mapping[str, Tensor]) -> str:
@@ -136,4 +140,5 @@ LAVISH_CONVERTER = Converter(
     "LAVISH (GenjiB/LAVISH AVE MMIL_Net, shared ViT + 4 latent adapters per block) <-> recipe lavish_vitb16",
     lavish_from_official, lavish_to_official, _describe)
 
-__all__ = ["LAVISH_CONVERTER", "adapter_rules", "lavish_from_official", "lavish_to_official", "reshaped"]
+__all__ = ["LAVISH_CONVERTER", "adapter_rules", "apply_rules", "lavish_from_official", "lavish_to_official",
+           "reshaped"]

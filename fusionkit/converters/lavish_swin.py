@@ -28,8 +28,8 @@ from collections.abc import Iterable, Mapping
 
 from torch import Tensor
 
-from fusionkit.converters.base import ConvertError, Converter, StateDict, check_keys, leaf_pairs, unwrap
-from fusionkit.converters.lavish import adapter_rules, reshaped
+from fusionkit.converters.base import ConvertError, Converter, StateDict, leaf_pairs, unwrap
+from fusionkit.converters.lavish import adapter_rules, apply_rules
 
 RECIPE = "lavish_swinv2_l"
 _V, HEAD = "experts.video", "heads.event"   # names used by recipes/lavish_swinv2_l.yaml
@@ -97,23 +97,15 @@ def swin_from_official(state_dict: Mapping[str, Tensor]) -> StateDict:
     """Official LAVISH (AVE, Swin) state dict, any stage depths -> fusionkit keys."""
     sd = {k: v for k, v in unwrap(state_dict).items() if not _DERIVED.match(k)}
     depths = _official_depths(sd)
-    renames, convs = _rules(depths)
-    check_keys(sd, [o for o, _ in renames + convs], "lavish-swin-official", f" (depths {depths}, recipe {RECIPE!r})")
-    out: StateDict = {f: sd[o] for o, f in renames}
-    out.update({f: reshaped(o, sd[o], 4, "lavish-swin-official") for o, f in convs})
-    return out
+    return apply_rules(sd, _rules(depths), "lavish-swin-official", f" (depths {depths}, recipe {RECIPE!r})")
 
 
 def swin_to_official(state_dict: Mapping[str, Tensor]) -> StateDict:
     """fusionkit LAVISH Swin state dict (recipe ``lavish_swinv2_l``) -> the official layout (no derived buffers)."""
     sd = unwrap(state_dict)
     depths = _fusionkit_depths(sd)
-    renames, convs = _rules(depths)
-    check_keys(sd, [f for _, f in renames + convs], "lavish-swin-official export",
-               f" (depths {depths}, recipe {RECIPE!r})")
-    out: StateDict = {o: sd[f] for o, f in renames}
-    out.update({o: reshaped(f, sd[f], 3, "lavish-swin-official export") for o, f in convs})
-    return out
+    return apply_rules(sd, _rules(depths), "lavish-swin-official export", f" (depths {depths}, recipe {RECIPE!r})",
+                       export=True)
 
 
 def _describe(state_dict: Mapping[str, Tensor]) -> str:
