@@ -86,6 +86,11 @@ def test_the_whole_recipe_is_checked_before_any_module_is_built(monkeypatch, ove
     assert real == [] and all(name in str(err.value) for name in names), (real, str(err.value))
 
 
+def test_train_checks_the_recipe_before_its_data(capsys):
+    # cast's EK100 manifests are not here: the recipe's typo is still the error reported
+    one_error(capsys, ["train", "cast", "experts.temporal.img_sze=224"], "experts.temporal.img_sze", "img_size")
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["fusion.bca.mode=full", "fusion.bca.ratio=0.25"], "'ratio' = 0.25 has no effect with mode 'full'"),
     (["fusion.bca.mode=full_adapter", "fusion.bca.bottleneck_dim=8"], "'bottleneck_dim' = 8 has no effect"),

@@ -153,7 +153,10 @@ class Trainer:
 
     def __init__(self, recipe: Mapping[str, Any], output_dir: str | Path | None = None, resume: str | Path | None = None,
                  progress: bool | None = None, console: Any = None) -> None:
+        from fusionkit.recipes import check_config
+
         self.recipe = dict(recipe)
+        check_config(self.recipe)  # a typo in the model's sections fails before the data are looked at
         self.cfg = train_config(self.recipe)
         self.eval_cfg = eval_config(self.recipe)
         self.dist = distributed.init(self.cfg["distributed"]["backend"], self.cfg["distributed"]["timeout_s"])
