@@ -117,7 +117,9 @@ class FusionModel(nn.Module):
         for e, expert in self.experts.items():
             if expert.modality not in self.input_shapes:
                 raise ValueError(f"expert {e!r} reads modality {expert.modality!r} but the recipe's inputs give "
-                                 f"only {sorted(self.input_shapes)}")
+                                 f"only {sorted(self.input_shapes)}: a new modality needs an entry "
+                                 f"inputs.{expert.modality} (one sample's shape) and a data set whose items "
+                                 f"carry {expert.modality!r}")
             tokens[e] = expert.embed(torch.zeros(1, *self.input_shapes[expert.modality]))
         dims, layouts = [], []
         for step in range(self.num_steps):

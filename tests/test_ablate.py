@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from fusionkit.cli import main
+from fusionkit.data.binding import VERSION
 from fusionkit.engine.ablate import family, load_ablation, variant_recipe
 from fusionkit.recipes import RecipeError, load_recipe
 
@@ -245,6 +246,6 @@ def test_prepare_data_generates_every_set_once_in_this_process(tmp_path):
     root = tmp_path / "fresh"
     ablation = load_ablation(ablation_file(tmp_path, root))
     prepare_data(ablation)  # train 16 + test 8 clips, shared by both variants
-    folders = sorted(p.name for p in (root / "binding-v1").iterdir())
+    folders = sorted(p.name for p in (root / f"binding-v{VERSION}").iterdir())
     assert folders == ["binding-test-8-s0", "binding-train-16-s0"]
-    assert len(list((root / "binding-v1" / "binding-train-16-s0").glob("*.mp4"))) == 16
+    assert len(list((root / f"binding-v{VERSION}" / "binding-train-16-s0").glob("*.mp4"))) == 16

@@ -96,3 +96,17 @@ def test_dataset_steps_are_centred_on_the_sampled_frames(tmp_path):
     step_centres = [t0 + (i + 0.5) * (t1 - t0) / frames for i in range(frames)]
     frame_centres = [(n + 0.5) / fps for n in item["frame_index"].tolist()]
     assert step_centres == pytest.approx(frame_centres, abs=1e-9)
+
+
+def test_random_weights_are_the_same_in_every_dataset_and_leave_the_global_rng_alone():
+    """Without a checkpoint the train, val and predict datasets each build a VGGish: one fixed seed
+    makes them one extractor (otherwise evaluation would read other features than training)."""
+    from fusionkit.frontends.vggish import VGGish
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = VGGish(widths=(4, 4, 8, 8), hidden=16), VGGish(widths=(4, 4, 8, 8), hidden=16)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    other = VGGish(widths=(4, 4, 8, 8), hidden=16, seed=1)
+    assert not torch.equal(other.features[0].weight, a.features[0].weight)

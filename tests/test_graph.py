@@ -285,7 +285,8 @@ def test_missing_batch_key_names_expert_and_key():
 def test_missing_input_shape_names_expert():
     r = cast_recipe()
     r["experts"]["sound"] = audio_expert()
-    with pytest.raises(RecipeError, match="expert 'sound' reads modality 'audio'"):
+    with pytest.raises(RecipeError, match="expert 'sound' reads modality 'audio'.*needs an entry inputs.audio "
+                                          r"\(one sample's shape\) and a data set whose items carry 'audio'"):
         fusionkit.build(r)
 
 

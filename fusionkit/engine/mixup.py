@@ -15,9 +15,6 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-MODALITIES = ("video", "audio")
-
-
 class Mixup:
     """``mixup(batch, targets) -> (batch, targets, lam)``; ``lam = 1`` when mixup is off for the batch.
 
@@ -26,14 +23,15 @@ class Mixup:
         prob: probability of mixing a batch.
         num_classes: head → classes (single-label heads get soft targets).
         seed: seed of the random state.
-        keys: batch entries mixed (default video and audio).
+        keys: batch entries mixed (default ``None``: every floating-point tensor of the batch, i.e.
+            every modality it carries: video, audio, motion, iframe, residual, ...).
     """
 
     def __init__(self, alpha: float, num_classes: Mapping[str, int], prob: float = 1.0, seed: int = 0,
-                 keys: Sequence[str] = MODALITIES, multilabel: Sequence[str] = ()) -> None:
+                 keys: Sequence[str] | None = None, multilabel: Sequence[str] = ()) -> None:
         self.alpha, self.prob = float(alpha), float(prob)
         self.num_classes = dict(num_classes)
-        self.keys = tuple(keys)
+        self.keys = None if keys is None else tuple(keys)
         self.multilabel = set(multilabel)
         self.rng = random.Random(seed)
 
@@ -48,7 +46,7 @@ class Mixup:
         draw, lam = self.rng.random(), self.rng.betavariate(self.alpha, self.alpha)
         if draw >= self.prob:
             return batch, targets, 1.0
-        for key in self.keys:
+        for key in batch if self.keys is None else self.keys:
             x = batch.get(key)
             if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1:
                 batch[key] = x * lam + x.flip(0) * (1.0 - lam)

@@ -29,7 +29,8 @@ the PyTorch port harritaylor/torchvggish (``vggish-10086976.pth``): ``features.{
 (the convolutions, ``(out, in, 3, 3)`` + ``(out,)``) and ``embeddings.{0,2,4}`` (the linear layers);
 ``pproc.*`` entries (its PCA post-processor) are ignored: the output is the embedding layer, before
 PCA whitening and 8-bit quantisation. Without a checkpoint the weights are random (PyTorch's
-default initialisation); nothing is downloaded. ``widths`` / ``hidden`` shrink the network (tests);
+default initialisation) drawn from a fixed ``seed``, so that every dataset (train, val, test,
+``fusionkit predict``) builds the same extractor; nothing is downloaded. ``widths`` / ``hidden`` shrink the network (tests);
 the defaults are VGGish's. The module is frozen (no gradients) by default: a pretrained extractor.
 """
 
@@ -101,21 +102,25 @@ class VGGish(nn.Module):
         widths: the four convolution widths (VGGish: ``64, 128, 256, 512``).
         hidden: width of the two hidden linear layers (VGGish: 4096).
         frozen: no gradients for the weights (default).
+        seed: the random weights' seed without a checkpoint (the global random state is left as it was).
     """
 
     def __init__(self, sample_rate: int = SAMPLE_RATE, steps: int = 8, checkpoint: str | None = None,
-                 widths: Sequence[int] = (64, 128, 256, 512), hidden: int = 4096, frozen: bool = True) -> None:
+                 widths: Sequence[int] = (64, 128, 256, 512), hidden: int = 4096, frozen: bool = True,
+                 seed: int = 0) -> None:
         super().__init__()
         if int(steps) < 1:
             raise ValueError(f"vggish: steps must be >= 1, got {steps!r}")
         if len(widths) != 4:
             raise ValueError(f"vggish: widths takes four convolution widths, got {list(widths)}")
         self.sample_rate, self.steps = int(sample_rate), int(steps)
-        self.features = _vgg(widths)
         grid = (EXAMPLE_FRAMES // 16) * (MEL_BINS // 16)  # 6 × 4 after four 2×2 pools
-        self.embeddings = nn.Sequential(nn.Linear(widths[3] * grid, hidden), nn.ReLU(inplace=True),
-                                        nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
-                                        nn.Linear(hidden, EMBEDDING), nn.ReLU(inplace=True))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            self.features = _vgg(widths)
+            self.embeddings = nn.Sequential(nn.Linear(widths[3] * grid, hidden), nn.ReLU(inplace=True),
+                                            nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+                                            nn.Linear(hidden, EMBEDDING), nn.ReLU(inplace=True))
         if checkpoint:
             self.load(checkpoint)
         if frozen:
