@@ -211,8 +211,24 @@ def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         return cfg
     merged = OmegaConf.create()
     for base in [bases] if isinstance(bases, str) else list(bases):
-        merged = OmegaConf.merge(merged, _load_file(path.parent / base, (*seen, path)))
+        merged = OmegaConf.merge(merged, _load_file(_base_path(path, str(base)), (*seen, path)))
     return OmegaConf.merge(merged, cfg)
+
+
+def _base_path(path: Path, base: str) -> Path:
+    """The file a ``_base_`` entry of recipe ``path`` means: a path relative to it (or absolute) when that
+    file exists, else a recipe name on the search path (``_base_: tiny`` in a plugin's recipe), skipping
+    ``path`` itself (a ``tiny.yaml`` that shadows the packaged one may inherit from it by name)."""
+    near = path.parent / base
+    if near.is_file() or Path(base).is_absolute():
+        return near
+    named = Path(base if Path(base).suffix in (".yaml", ".yml") else base + ".yaml")
+    for folder in recipe_dirs():
+        if (folder / named).is_file() and (folder / named).resolve() != path.resolve():
+            return folder / named
+    hint = ", ".join(closest(named.with_suffix("").as_posix(), list_recipes())) or "(none)"
+    raise RecipeError(f"recipe {path}: _base_ {base!r} is neither a file beside it nor a recipe name on the search "
+                      f"path; closest recipes: {hint}")
 
 
 def load_recipe(recipe: str | os.PathLike[str] | Mapping[str, Any] | DictConfig,
@@ -376,6 +392,25 @@ def _build(path: str, fn: Any, **kwargs: Any) -> Any:
     except (ValueError, KeyError, ArithmeticError, IndexError) as err:
         raise RecipeError(f"{path}: {type(err).__name__ + ': ' if isinstance(err, ArithmeticError) else ''}"
                           f"{err}") from err
+
+
+def expert_modalities(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """``{expert: modality it reads}`` of a loaded recipe, without building anything: the spec's
+    ``modality``, else the registered class's default (its ``modality`` argument or attribute)."""
+    out = {}
+    for name, spec in _present(cfg.get("experts")):
+        if spec.get("modality") is not None:
+            out[name] = str(spec["modality"])
+            continue
+        cls = _section_class(f"experts.{name}", spec, EXPERTS)
+        try:
+            param = inspect.signature(cls).parameters.get("modality")
+        except (TypeError, ValueError):
+            param = None
+        default = param.default if param is not None and param.default is not inspect.Parameter.empty else None
+        out[name] = str(default or getattr(cls, "modality", "video"))
+    return out
+
 
 
 def build_from_config(cfg: Mapping[str, Any]) -> FusionModel:

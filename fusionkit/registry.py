@@ -119,9 +119,10 @@ FRONTENDS: Registry[Any] = Registry("frontends", "Signal front-ends (waveform ->
 DATASETS: Registry[Any] = Registry("datasets", "Datasets and manifests")
 KERNELS: Registry[Any] = Registry("kernels", "Attention kernel backends")
 WINDOWS: Registry[Any] = Registry("windows", "Token groupings for windowed attention")
+MODALITIES: Registry[Any] = Registry("modalities", "Batch streams the datasets produce (what an expert can read)")
 
 REGISTRIES: dict[str, Registry[Any]] = {
-    r.kind: r for r in (EXPERTS, FUSIONS, HEADS, FRONTENDS, DATASETS, KERNELS, WINDOWS)
+    r.kind: r for r in (EXPERTS, FUSIONS, HEADS, FRONTENDS, DATASETS, KERNELS, WINDOWS, MODALITIES)
 }
 
 _plugins_loaded = False

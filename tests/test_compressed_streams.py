@@ -179,7 +179,7 @@ def tiny_mmvit(tmp_path: Path, clips: dict[str, Path]) -> str:
     return str(path)
 
 
-def test_mmvit_recipe_trains_and_evaluates_from_real_files(clips, tmp_path):
+def test_mmvit_recipe_trains_evaluates_and_predicts_from_real_files(clips, tmp_path):
     from fusionkit.engine.evaluate import run_eval
     from fusionkit.engine.trainer import train
 
@@ -192,3 +192,19 @@ def test_mmvit_recipe_trains_and_evaluates_from_real_files(clips, tmp_path):
     assert len(result.losses) == 1 and np.isfinite(result.losses[0])
     metrics = run_eval(recipe, str(result.checkpoint), progress=False)
     assert metrics["num_samples"] == 3 and metrics["skipped"] == 0
+    # predict reads every stream the recipe's inputs name, as the evaluation set does
+    from fusionkit.engine.predict import load_inputs, run_predict
+    from fusionkit.recipes import load_recipe
+
+    cfg = load_recipe(recipe)
+    inputs = load_inputs(files["pan_audio"], cfg)
+    assert {k: tuple(v.shape[1:]) for k, v in inputs.items()} == {k: tuple(v) for k, v in cfg["inputs"].items()}
+    val = DATASETS.build("manifest", path=str(tmp_path / "files.csv"), train=False,
+                         **{k: v for k, v in cfg["data"]["val"].items() if k not in ("type", "path", "heads", "train")})
+    row = [str(i.path) for i in val.manifest.items].index(str(files["pan_audio"]))
+    item = val[row * val.views_per_item]
+    for k, x in inputs.items():
+        assert torch.equal(x[0], item[k]), k
+    out = run_predict(recipe, files["pan_audio"], checkpoint=str(result.checkpoint), topk=2)
+    top = out["predictions"]["action"]
+    assert len(top) == 2 and {p["name"] for p in top} <= {"pan", "static", "pan_audio"}

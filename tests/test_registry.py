@@ -16,7 +16,8 @@ def test_builtins_registered_on_import():
     assert {"timm_vit", "timm_cnn"} <= set(EXPERTS.names())
     assert set(fusionkit.KERNELS.names()) == {"eager", "sdpa", "xformers"}
     assert {"global", "space", "time", "local", "ragged"} <= set(fusionkit.WINDOWS.names())
-    assert set(REGISTRIES) == {"experts", "fusions", "heads", "frontends", "datasets", "kernels", "windows"}
+    assert set(REGISTRIES) == {"experts", "fusions", "heads", "frontends", "datasets", "kernels", "windows", "modalities"}
+    assert {"video", "audio", "motion", "iframe", "residual"} <= set(fusionkit.MODALITIES.names())
 
 
 def test_unknown_name_is_one_line_with_closest_names():

@@ -4,6 +4,11 @@ A dataset returns :class:`Skipped` (the path and the reason) for a file it canno
 drops it from the batch and lists ``(path, reason)`` under ``batch["skipped"]`` so the training
 loop can count and name bad files in its epoch summary. A batch whose every item failed is still a
 valid dict: ``batch_size`` 0, the ``skipped`` list, empty ``clip_id`` / ``path`` lists, no tensors.
+
+Batches declare their modalities: items that carry ``modalities`` (the names of their stream tensors,
+e.g. ``("video", "flow")``; :class:`~fusionkit.data.dataset.ManifestDataset` sets it) give the batch a
+``modalities`` list, which is what the engine moves to the device, mixes (mixup) and feeds the model;
+other float tensors of a batch (``span``) are metadata.
 """
 
 from __future__ import annotations
@@ -85,6 +90,25 @@ def collate(items: Sequence[Mapping[str, Any] | Skipped | None]) -> dict[str, An
     for x in good[1:]:
         if list(x) != keys:
             raise ValueError(f"collate: items have different keys: {keys} vs {list(x)}")
+    if MODALITIES_KEY in keys:
+        keys.remove(MODALITIES_KEY)
+        out[MODALITIES_KEY] = declared_modalities(good)
     for key in keys:
         _merge(key, [x[key] for x in good], out)
     return out
+
+
+MODALITIES_KEY = "modalities"
+
+
+def declared_modalities(items: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The ``modalities`` the items declare (one list for all, in the items' order); a ``ValueError``
+    when two items declare different ones or one names a key it does not carry as a tensor."""
+    names = list(items[0][MODALITIES_KEY])
+    for x in items:
+        if list(x[MODALITIES_KEY]) != names:
+            raise ValueError(f"collate: items declare different modalities: {names} vs {list(x[MODALITIES_KEY])}")
+        missing = [m for m in names if not isinstance(x.get(m), Tensor)]
+        if missing:
+            raise ValueError(f"collate: an item declares the modality {missing[0]!r} but has no tensor of that name")
+    return names

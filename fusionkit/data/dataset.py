@@ -29,7 +29,11 @@ Per item:
 6. **residual** (optional): each sampled frame minus its motion-compensated prediction from the
    previous frame (:mod:`fusionkit.data.compressed`), float32 ``(3, T, size, size)`` in the video's
    units (``/ 255 / std``, no mean), cropped / resized / flipped with the video's draw, no colour ops.
-7. A file that cannot be decoded gives :class:`~fusionkit.data.collate.Skipped` (path, reason),
+7. **plugin modalities** (optional): a modality registered by a plugin as a
+   :class:`~fusionkit.data.producers.FrameStream` (e.g. ``flow``, ``examples/fusionkit-flow``) is
+   computed by its producer from the same sampled frames, then cropped / resized / flipped with the
+   video's draw (displacement fields also rescaled and mirrored, as the motion vectors).
+8. A file that cannot be decoded gives :class:`~fusionkit.data.collate.Skipped` (path, reason),
    logged as a warning; :func:`~fusionkit.data.collate.collate` drops it and lists it.
 
 Randomness: each item draws everything from one item seed. With ``seed=None`` that seed comes from
@@ -51,12 +55,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fusionkit.data import compressed, decode, memo, motion, sampling
+from fusionkit.data import compressed, decode, memo, motion, producers, sampling
 from fusionkit.data.collate import Skipped
 from fusionkit.data.corrupt import Corruption
 from fusionkit.data.manifest import Manifest
 from fusionkit.data.transforms import TrainTransform, norm_constants, normalize, to_video, view_crop
 from fusionkit.registry import DATASETS
+from fusionkit.registry import MODALITIES as MODALITY_REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +94,8 @@ class ManifestDataset(Dataset):
         heads: head → label column (default: every column but path / start / end / id / audio_path).
         classes: head → class-name file (one name per line; relative to the manifest's folder).
         modalities: any of ``video``, ``audio``, ``motion`` (motion vectors of the video's frames),
-            ``iframe`` (the keyframes of their GOPs), ``residual`` (motion-compensated residuals).
+            ``iframe`` (the keyframes of their GOPs), ``residual`` (motion-compensated residuals), or a
+            modality a plugin registers (:mod:`fusionkit.data.producers`).
         frames: frames per clip; sampling: ``dense`` or ``segment``; stride: frame step (dense).
         size: output side of the square crops; short_side: test-time resize (default ``size``).
         train: training mode (random sampling and augmentation, one view per row).
@@ -120,9 +126,10 @@ class ManifestDataset(Dataset):
                  randaugment: Mapping[str, int] | None = None, seed: int | None = None,
                  decoded_cache_gb: float = 0.0, decoded_cache_dir: str | Path | None = None) -> None:
         modalities = [modalities] if isinstance(modalities, str) else list(modalities)
-        bad = [m for m in modalities if m not in MODALITIES]
-        if bad or not modalities:
-            raise ValueError(f"ManifestDataset: modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+        if not modalities:
+            raise ValueError(f"ManifestDataset: modalities must name at least one of {MODALITIES} (or a plugin's "
+                             "modality), got none")
+        self.streams = _streams(modalities)  # plugin modalities computed from the sampled frames
         if sampling not in sampling_schemes():
             raise ValueError(f"ManifestDataset: sampling must be one of {sampling_schemes()}, got {sampling!r}")
         if frames < 1 or stride < 1 or size < 1:
@@ -242,7 +249,7 @@ class ManifestDataset(Dataset):
         out: dict[str, Any] = {}
         start = item.start or 0.0
         window = None  # (t0, t1) seconds the clip covers, relative to the media's origin
-        if set(VISUAL) & set(self.modalities):
+        if set(VISUAL) & set(self.modalities) or self.streams:
             if not info.has_video:
                 raise decode.DecodeError(f"{item.path} has no video stream")
             fps = info.fps
@@ -255,20 +262,10 @@ class ManifestDataset(Dataset):
             idx = sampling.sample_indices(self.sampling, stop - first, self.frames, self.stride, position, rng)
             numbers = [first + i for i in idx]
             frames = self._pictures(item.path, source, numbers, info)  # uint8 (T, 3, H, W): video, iframe
-            fields: dict[str, torch.Tensor] = {}  # float (T, C, H, W): the video's crop / resize / flip only
-            if "residual" in self.modalities:
-                residual = compressed.decode_residual(item.path, numbers, info)  # (3, T, H, W)
-                fields["residual"] = torch.from_numpy(residual).transpose(0, 1)
-            if "motion" in self.modalities:
-                moved: dict[str, dict[str, torch.Tensor]] = {}
-
-                def joint(f: torch.Tensor) -> torch.Tensor:  # the field's coordinate frame joins the one draw
-                    moved["frames"], moved["fields"] = self._spatial(frames, {**fields, "motion": f}, rng, crop)
-                    return moved["fields"].pop("motion")
-
-                field = torch.from_numpy(motion.decode_motion(item.path, numbers, info))  # (2, T, H, W)
-                out["motion"] = motion.geometric(field, joint)
-                frames, fields = moved["frames"], moved["fields"]
+            fields, vectors = self._fields(item.path, source, numbers, info)
+            if vectors:
+                frames, fields, moved = self._spatial_vectors(frames, fields, vectors, rng, crop)
+                out.update(moved)
             else:
                 frames, fields = self._spatial(frames, fields, rng, crop)
             if "video" in frames:
@@ -280,6 +277,9 @@ class ManifestDataset(Dataset):
                 out["iframe"] = normalize(frames["iframe"], self.mean, self.std)
             if "residual" in fields:
                 out["residual"] = compressed.normalize_residual(fields["residual"], self.std)
+            for name, stream in self.streams.items():  # plugin fields: (C, T, h, w) after the one draw
+                field = out.pop(name) if name in out else fields[name].transpose(0, 1)
+                out[name] = stream.finish(field.contiguous())
             out["frame_index"] = torch.tensor(numbers, dtype=torch.long)
             window = (min(numbers) / fps, (max(numbers) + 1) / fps)
         missing = False
@@ -291,6 +291,7 @@ class ManifestDataset(Dataset):
         out["clip_id"] = item.clip_id
         out["path"] = item.path
         out["audio_missing"] = bool(missing)
+        out["modalities"] = tuple(self.modalities)  # the batch declares its streams (fusionkit.data.collate)
         return out
 
     def _pictures(self, path: str, source: tuple | None, numbers: list[int],
@@ -306,6 +307,44 @@ class ManifestDataset(Dataset):
         every = [n for group in wanted.values() for n in group]
         frames = to_video(self._memo(("frames", source, tuple(every)), lambda: decode.read_frames(path, every, info)))
         return dict(zip(wanted, frames.split(len(numbers))))
+
+    def _fields(self, path: str, source: tuple | None, numbers: list[int],
+                info: decode.MediaInfo) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The float fields of the sampled frames at the file's resolution: ``fields`` ``{name: (T, C, H, W)}``
+        (residuals, plugin maps: the video's crop / resize / flip only) and ``vectors`` ``{name: (2, T, H, W)}``
+        (motion vectors, plugin displacement fields: also rescaled and mirrored, :func:`motion.geometric`)."""
+        fields: dict[str, torch.Tensor] = {}
+        vectors: dict[str, torch.Tensor] = {}
+        if "residual" in self.modalities:
+            residual = compressed.decode_residual(path, numbers, info)  # (3, T, H, W)
+            fields["residual"] = torch.from_numpy(residual).transpose(0, 1)
+        if "motion" in self.modalities:
+            vectors["motion"] = torch.from_numpy(motion.decode_motion(path, numbers, info))
+        for name, stream in self.streams.items():
+            field = self._memo((f"stream:{name}", source, tuple(numbers)),
+                               lambda stream=stream: stream.decode(path, numbers, info))
+            field = torch.from_numpy(stream.checked(name, field, numbers, info))  # (C, T, H, W)
+            if stream.vectors:
+                vectors[name] = field
+            else:
+                fields[name] = field.transpose(0, 1)
+        return fields, vectors
+
+    def _spatial_vectors(self, frames: dict[str, torch.Tensor], fields: dict[str, torch.Tensor],
+                         vectors: dict[str, torch.Tensor], rng: random.Random, crop: int,
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """:meth:`_spatial` with displacement fields ``vectors`` ``{name: (2, T, H, W)}`` in the same draw: they
+        travel with one coordinate frame (:func:`motion.geometric`), so they are rescaled into output pixels
+        and mirrored with the video. Returns frames, fields and ``{name: (2, T, size, size)}``."""
+        moved: dict[str, dict[str, torch.Tensor]] = {}
+
+        def joint(f: torch.Tensor) -> torch.Tensor:  # the fields' coordinate frame joins the one draw
+            moved["frames"], moved["fields"] = self._spatial(frames, {**fields, "motion": f}, rng, crop)
+            return moved["fields"].pop("motion")
+
+        lengths = [v.shape[1] for v in vectors.values()]
+        out = motion.geometric(torch.cat(list(vectors.values()), dim=1), joint)  # (2, ΣT, size, size)
+        return moved["frames"], moved["fields"], dict(zip(vectors, out.split(lengths, dim=1)))
 
     def _spatial(self, frames: dict[str, torch.Tensor], fields: dict[str, torch.Tensor], rng: random.Random,
                  crop: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -389,6 +428,19 @@ class ManifestDataset(Dataset):
             with torch.no_grad():
                 wave = self.frontend(wave[None], rate)[0]
         return wave, missing, (t0, t1)
+
+
+def _streams(modalities: Sequence[str]) -> dict[str, producers.FrameStream]:
+    """The producers of the plugin modalities of ``modalities``; a :class:`~fusionkit.data.producers.ModalityError`
+    naming the registered modalities for one without a producer."""
+    unknown = [m for m in modalities if m not in MODALITIES and m not in MODALITY_REGISTRY]
+    if unknown:
+        plugins = [m for m in MODALITY_REGISTRY.names() if m not in MODALITIES]
+        raise producers.ModalityError(
+            f"ManifestDataset: modalities: no data producer for {unknown[0]!r}; built in: {', '.join(MODALITIES)}; "
+            f"from plugins: {', '.join(plugins) or 'none'} (a plugin registers one with fusionkit.registry.MODALITIES, "
+            "docs/plugins.md)")
+    return producers.frame_streams(modalities)
 
 
 def sampling_schemes() -> tuple[str, ...]:

@@ -31,8 +31,8 @@ def collate(items: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
     """Stack decodable items into a batch; undecodable ones (``None`` or with ``error``) go to ``skipped``.
 
     Returns ``{"video": (B, 3, T, H, W), "audio": (B, samples), "labels": {head: (B,) int64},
-    "clip_id": [B], "path": [B], "skipped": [(path, reason)]}`` (modalities absent from the items
-    are left out; ``B`` may be 0).
+    "clip_id": [B], "path": [B], "skipped": [(path, reason)], "modalities": ["video", "audio"]}``
+    (modalities absent from the items are left out of both; ``B`` may be 0).
     """
     good, skipped = [], []
     for item in items:
@@ -47,6 +47,7 @@ def collate(items: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
     for key in ("video", "audio"):
         if good and key in good[0]:
             batch[key] = torch.stack([i[key] for i in good])
+    batch["modalities"] = [key for key in ("video", "audio") if key in batch]  # the batch declares its streams
     heads = list(good[0]["labels"]) if good else []
     batch["labels"] = {h: torch.stack([torch.as_tensor(i["labels"][h]) for i in good]) for h in heads}
     return batch
@@ -85,6 +86,11 @@ class SyntheticDataset(Dataset):
         self.corrupt, self.nan = {int(i) % self.size for i in corrupt}, {int(i) % self.size for i in nan}
 
     collate = staticmethod(collate)
+
+    @property
+    def modalities(self) -> list[str]:
+        """The streams of its items: ``video``, and ``audio`` unless ``samples`` is 0."""
+        return ["video", "audio"] if self.samples else ["video"]
 
     def __len__(self) -> int:
         return self.size

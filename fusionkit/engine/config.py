@@ -27,7 +27,8 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
 DISTRIBUTED_DEFAULTS: dict[str, Any] = {
     "backend": "auto",          # auto (nccl on CUDA, gloo on CPU), nccl, gloo
     "fsdp": False,              # shard the model with FSDP instead of DDP (large experts)
-    "find_unused_parameters": False,
+    "find_unused_parameters": "auto",  # auto: on only when some trainable parameter gets no gradient
+                                       # (fusionkit.engine.unused), true, false
     "timeout_s": 1800,
 }
 
@@ -130,6 +131,9 @@ def train_config(recipe: Mapping[str, Any]) -> dict[str, Any]:
     if cfg["checkpoint"]["mode"] not in ("max", "min"):
         raise RecipeError(f"recipe key 'train.checkpoint.mode' must be 'max' or 'min', got {cfg['checkpoint']['mode']!r}")
     _positive("train.checkpoint.keep_last", cfg["checkpoint"]["keep_last"])
+    if cfg["distributed"]["find_unused_parameters"] not in ("auto", True, False):
+        raise RecipeError("recipe key 'train.distributed.find_unused_parameters' must be auto, true or false, got "
+                          f"{cfg['distributed']['find_unused_parameters']!r}")
     heads = set((recipe.get("heads") or {}))
     unknown = sorted(set(cfg["loss_weights"]) - heads) if heads else []
     if unknown:

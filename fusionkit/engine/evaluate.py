@@ -25,7 +25,7 @@ from torch import nn
 from fusionkit.data.corrupt import Corruption, parse_all
 from fusionkit.engine import distributed
 from fusionkit.engine.device import autocast, pick_device
-from fusionkit.engine.loading import build_dataset, make_loader, to_device
+from fusionkit.engine.loading import build_dataset, check_modalities, make_loader, to_device
 from fusionkit.engine.progress import Reporter, fmt
 from fusionkit.errors import DataError, UsageError
 from fusionkit.fusion.late import ensemble
@@ -238,6 +238,8 @@ def _run(recipe: Any, checkpoint: str | None, corruptions: Sequence[Corruption],
     if corruptions:
         share_decoding(loaders, split)
     model, _ = model_for(cfg, checkpoint, dev)
+    for name, loader in loaders.items():
+        check_modalities(loader.dataset, model, f"data.{split}" if name == split else f"data.{split}.{name}")
     total = sum(len(loader) for loader in loaders.values()) * (1 + len(corruptions))
     reporter = Reporter(total, f"eval {cfg.get('name') or ''}".strip(), enabled=d.is_main, live=progress,
                         console=console, fields=())  # batches, time, clips/s: no epoch, loss or lr here

@@ -128,16 +128,56 @@ def batch_targets(batch: Mapping[str, Any]) -> dict[str, Tensor]:
     return {h: torch.stack([torch.as_tensor(item[h]) for item in labels]) for h in labels[0]}
 
 
+def modality_tensors(batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The stream tensors of a collated batch: those its ``modalities`` declare (fusionkit.data.collate),
+    else (a dataset that does not declare them) every floating-point tensor."""
+    declared = batch.get("modalities")
+    if declared is not None:
+        return {k: batch[k] for k in declared if isinstance(batch.get(k), Tensor)}
+    return {k: v for k, v in batch.items() if isinstance(v, Tensor) and v.is_floating_point()}
+
+
 def batch_size_of(batch: Mapping[str, Any]) -> int:
-    for key in ("video", "audio"):
-        if isinstance(batch.get(key), Tensor):
-            return int(batch[key].shape[0])
+    """Clips in a collated batch: the first dimension of its modality tensors, else its clip ids."""
+    for value in modality_tensors(batch).values():
+        if value.dim() >= 1:
+            return int(value.shape[0])
     return len(batch.get("clip_id") or [])
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(modality tensors, targets) of a batch on ``device``."""
-    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()
-              if isinstance(v, Tensor) and v.is_floating_point()}
+    inputs = {k: v.to(device, non_blocking=True) for k, v in modality_tensors(batch).items()}
     targets = {h: t.to(device, non_blocking=True) for h, t in batch_targets(batch).items()}
     return inputs, targets
+
+
+def check_modalities(dataset: Dataset, model: Any, where: str = "data.train") -> None:
+    """Before the first batch: every modality the model's experts read has a data producer
+    (``fusionkit.registry.MODALITIES``) and is one the dataset gives, when it says (``modalities``);
+    else a :class:`~fusionkit.recipes.RecipeError` naming the expert, the modality and the fix."""
+    from fusionkit.registry import MODALITIES
+
+    gives = getattr(dataset, "modalities", None)
+    for name, expert in getattr(model, "experts", {}).items():
+        modality = expert.modality
+        if modality not in MODALITIES:
+            raise RecipeError(f"experts.{name} reads the modality {modality!r}, which no data producer gives "
+                              f"(registered modalities: {', '.join(MODALITIES.names())}); a plugin registers one "
+                              "with fusionkit.registry.MODALITIES (docs/plugins.md)")
+        if gives is not None and modality not in gives:
+            kind = type(dataset).__name__
+            fix = f"add it to {where}.modalities" if "modalities" in accepted(type(dataset)) \
+                else "use a dataset that produces it (e.g. type: manifest with modalities)"
+            raise RecipeError(f"experts.{name} reads the modality {modality!r} but {where} ({kind}) gives only "
+                              f"{', '.join(gives)}: {fix}")
+
+
+def accepted(cls: type) -> list[str]:
+    """The keyword arguments a dataset class takes."""
+    from fusionkit.recipes import accepted_keys
+
+    try:
+        return accepted_keys(cls)[0]
+    except (TypeError, ValueError):
+        return []

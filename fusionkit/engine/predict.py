@@ -1,9 +1,11 @@
 """``fusionkit predict RECIPE --video FILE [--checkpoint C] [--json]``: top-k classes per head for one clip.
 
 The clip is decoded by the data package (``fusionkit.data.load_inputs(path, recipe)``, the recipe's
-sampling and test transform) or read from a pre-decoded tensor file: ``.safetensors`` (or ``.pt``,
-loaded with ``weights_only=True``) holding ``video`` ``(3, T, H, W)`` and/or ``audio`` ``(samples,)``
-(a leading batch dimension of views is accepted; their probabilities are averaged).
+sampling and test transform, every modality of the recipe's ``inputs``: video, audio, MM-ViT's
+iframe / motion / residual streams) or read from a pre-decoded tensor file: ``.safetensors`` (or
+``.pt``, loaded with ``weights_only=True``) holding those tensors by name, e.g. ``video``
+``(3, T, H, W)`` and ``audio`` ``(samples,)`` (a leading batch dimension of views is accepted; their
+probabilities are averaged).
 
 A folder, a manifest or ``--out FILE`` (CSV / JSON Lines) predicts many clips, batched:
 :mod:`fusionkit.engine.predict_batch`, built on :func:`head_probs` and :func:`top_classes` here.
@@ -22,12 +24,18 @@ from fusionkit.data import load_inputs as decode_media
 from fusionkit.data.decode import DecodeError
 from fusionkit.errors import UsageError
 
-MODALITIES = ("video", "audio")
-NDIM = {"video": 4, "audio": 1}
+def modalities(recipe: Mapping[str, Any]) -> dict[str, int]:
+    """What the recipe's model reads: modality → dimensions of one sample (its ``inputs`` entry), for
+    the modalities its experts read (:func:`fusionkit.recipes.expert_modalities`: built-in or a plugin's)."""
+    from fusionkit.recipes import expert_modalities
+
+    read = set(expert_modalities(recipe).values())
+    return {k: len(v) for k, v in (recipe.get("inputs") or {}).items() if v is not None and (k in read or not read)}
 
 
 def load_inputs(path: str | Path, recipe: Mapping[str, Any]) -> dict[str, Tensor]:
-    """Model inputs ``{modality: (V, ...)}`` (``V`` views) for one clip file."""
+    """Model inputs ``{modality: (V, ...)}`` (``V`` views) for one clip file: every modality of the
+    recipe's ``inputs`` (video, audio, MM-ViT's iframe / motion / residual, ...)."""
     path = Path(path)
     if path.is_dir():
         raise DecodeError(f"--video: {path} is a directory, not a media file")
@@ -36,16 +44,17 @@ def load_inputs(path: str | Path, recipe: Mapping[str, Any]) -> dict[str, Tensor
     if path.suffix in (".safetensors", ".pt", ".pth"):
         raw = _tensor_file(path)
         if not isinstance(raw, Mapping):
-            raise DecodeError(f"{path}: expected a dict of tensors with 'video' and/or 'audio'")
+            raise DecodeError(f"{path}: expected a dict of tensors named by the recipe's inputs "
+                              f"({', '.join(modalities(recipe))})")
     else:
-        raw = decode_media(path, recipe)  # PyAV, the recipe's test-time views
-    inputs = {}
-    for key in MODALITIES:
+        raw = decode_media(path, recipe, list(modalities(recipe)))  # PyAV, the recipe's test-time views
+    wanted, inputs = modalities(recipe), {}
+    for key, ndim in wanted.items():
         if key in raw:
             x = torch.as_tensor(raw[key]).float()
-            inputs[key] = x.unsqueeze(0) if x.dim() == NDIM[key] else x
+            inputs[key] = x.unsqueeze(0) if x.dim() == ndim else x
     if not inputs:
-        raise DecodeError(f"{path}: no 'video' or 'audio' tensor (found {sorted(raw)})")
+        raise DecodeError(f"{path}: none of the recipe's inputs ({', '.join(wanted)}) in it (found {sorted(raw)})")
     return inputs
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusionkit.engine.predict import MODALITIES, check_count, class_names_of, head_probs, prepare, top_classes
+from fusionkit.engine.predict import check_count, class_names_of, head_probs, modalities, prepare, top_classes
 from fusionkit.errors import DataError, UsageError, one_line
 
 OUT_SUFFIXES = (".csv", ".jsonl")
@@ -179,7 +179,7 @@ def predict_clips(model: torch.nn.Module, dataset: Any, batch_size: int, topk: i
         for items in loader:
             good, bad = _split(items, views)
             skipped += bad
-            probs = clip_probs(model, [{k: c[k] for k in MODALITIES if k in c} for c in good], views)
+            probs = clip_probs(model, [{k: c[k] for k in model.input_shapes if k in c} for c in good], views)
             rows += [_row(c, p, topk, names, dataset.manifest.names) for c, p in zip(good, probs)]
             if on_batch is not None:
                 on_batch(len(items) // views)
@@ -199,7 +199,7 @@ def run_predict_batch(recipe: Any, video: str | Path | None = None, manifest: st
     target = check_out(out, overwrite)
     cfg, ecfg, k, dev = prepare(recipe, overrides, topk, device)
     size = check_count(ecfg["batch_size"] if batch_size is None else batch_size, "--batch-size", "clips")
-    dataset = clip_dataset(test_options(cfg), video, manifest)
+    dataset = clip_dataset(test_options(cfg, list(modalities(cfg))), video, manifest)
     model, _ = model_for(cfg, checkpoint, dev)
     reporter = Reporter(math.ceil(len(dataset.manifest) / size), f"predict {cfg.get('name') or ''}".strip(),
                         live=progress, console=console, fields=())

@@ -14,8 +14,12 @@ once). Undecodable clips are dropped by the collate and counted; an epoch whose 
 undecodable (or more than ``max_skipped_fraction`` of them) is an error.
 
 Before the first step: the run directory is claimed (:func:`~.checkpoint.claim_run_dir`: writable,
-locked, not holding another run unless resuming), and every head's label is checked against the
-training set. Resuming rewrites ``metrics.jsonl`` without the rows after the resumed step and
+locked, not holding another run unless resuming), every head's label and every expert's modality are
+checked against the training set, and (distributed) one probe backward finds the trainable parameters
+that get no gradient (:mod:`~.unused`), the reason DDP gets ``find_unused_parameters``
+(``train.distributed.find_unused_parameters: auto``, only when needed); in one process the first step
+tells. Either way they are named in one warning after the first step. Resuming rewrites
+``metrics.jsonl`` without the rows after the resumed step and
 restores the epoch's partial tally (its step losses, skipped clips and steps).
 
 The run folder (rank 0): ``recipe.yaml`` (the resolved recipe, :mod:`~.run_folder`), ``train.log``
@@ -45,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusionkit.engine import distributed
+from fusionkit.engine import distributed, unused
 from fusionkit.engine.checkpoint import (CheckpointError, CheckpointManager, RunDirError, atomic_write_bytes,
                                          claim_run_dir, load_weights, model_meta, model_tensors, new_run_id,
                                          optimizer_from_flat, optimizer_to_flat, read_meta, read_tensors, rng_state,
@@ -53,7 +57,8 @@ from fusionkit.engine.checkpoint import (CheckpointError, CheckpointManager, Run
 from fusionkit.engine.config import dataset_specs, eval_config, train_config
 from fusionkit.engine.device import autocast, pick_device
 from fusionkit.engine.evaluate import default_monitor, eval_loaders, evaluate_sets
-from fusionkit.engine.loading import batch_size_of, build_dataset, check_labels, make_loader, to_device
+from fusionkit.engine.loading import (batch_size_of, build_dataset, check_labels, check_modalities, make_loader,
+                                      to_device)
 from fusionkit.engine.metrics_file import MetricsFile, read_rows
 from fusionkit.engine.mixup import Mixup
 from fusionkit.engine.optim import build_optimizer, peak_lr
@@ -256,9 +261,13 @@ class Trainer:
         self.model = model  # the trained model (unwrapped), for callers and tests
         self.heads = model.heads
         check_labels(self.train_set, self.heads, "data.train")
+        check_modalities(self.train_set, model, "data.train")
+        # distributed: one probe backward before DDP is built (it must know); one process: the first step tells
+        self.grad_probe = unused.probe(model, self.device) if d.enabled else unused.GradientProbe()
+        self._grads_reported = False
         self.fsdp = bool(cfg["distributed"]["fsdp"]) and d.enabled
         if self.fsdp:  # FSDP replaces the parameters by sharded ones: wrap first, then build the optimizer over them
-            self.net = distributed.wrap(model, self.device, True, cfg["distributed"]["find_unused_parameters"])
+            self.net = distributed.wrap(model, self.device, True)
         try:
             self.optimizer = build_optimizer(model, cfg, d.world_size)
         except ValueError as err:
@@ -316,12 +325,16 @@ class Trainer:
 
     def _setup_loop(self) -> None:
         cfg = self.cfg
+        self.find_unused = unused.find_unused(cfg["distributed"]["find_unused_parameters"], self.grad_probe) \
+            if self.dist.enabled and not self.fsdp else None
         if not self.fsdp:
-            self.net = distributed.wrap(self.model, self.device, False, cfg["distributed"]["find_unused_parameters"])
+            self.net = distributed.wrap(self.model, self.device, False, bool(self.find_unused))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.val_loaders = eval_loaders(self.val_specs, int(self.eval_cfg["batch_size"]),
                                         int(self.eval_cfg["num_workers"]), int(cfg["seed"])) \
             if self.val_specs and cfg["eval_every"] else {}
+        for name, loader in self.val_loaders.items():
+            check_modalities(loader.dataset, self.model, "data.val" if name == "val" else f"data.val.{name}")
         self.loader = make_loader(self.train_set, self.bs, self.sampler, int(cfg["num_workers"]), int(cfg["seed"]),
                                   drop_last=True)
         self.reporter = Reporter(self.total_steps, f"train {self.recipe.get('name') or ''}".strip(),
@@ -432,6 +445,11 @@ class Trainer:
         self._phase = "step"
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, items, skipped = self._micro_batches(batches)
+        if not self._grads_reported:  # once, after the first backward of this process (before DDP fails on it)
+            self._grads_reported = True
+            warning = unused.report(self.grad_probe, unused.missing_grads(self.model), self.find_unused)
+            if warning and d.is_main:
+                self.reporter.log(f"[yellow]{warning}")
         bad = not math.isfinite(loss_sum)
         total, n_bad, n_term, n_int, n_items, n_skipped = distributed.all_reduce_sum(
             [0.0 if bad else loss_sum, float(bad), float(self._stop_signal), float(self._interrupt), float(items),
