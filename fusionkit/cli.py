@@ -8,6 +8,7 @@ Sub-commands:
     train RECIPE [key=value ...]        train from the recipe's data section (torchrun for several GPUs)
     eval RECIPE --checkpoint C          evaluate a checkpoint (multi-view, per-head metrics)
     predict RECIPE --video FILE         top-5 per head for one media file
+    inspect RECIPE --video FILE         cross-attention entropy per layer of every fusion direction
 
 Commands that live with their feature (describe, convert, the engine's train / eval / predict) add
 themselves through ``add_command``. ``key=value`` overrides may stand anywhere after ``RECIPE``
@@ -87,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from fusionkit import converters, describe
-    from fusionkit.engine import ablate, bench, commands, export, plots
+    from fusionkit.engine import ablate, bench, commands, export, inspection, plots
 
-    for module in (describe, converters, commands, ablate, plots, bench, export):
+    for module in (describe, converters, commands, ablate, plots, bench, export, inspection):
         module.add_command(sub)
     return parser
 

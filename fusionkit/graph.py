@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from fusionkit import feature_cache as fc
-from fusionkit.attention import TokenLayout
+from fusionkit.attention import TokenLayout, attention_label
 from fusionkit.experts.base import Expert, Tokens
 from fusionkit.fusion.base import SITES, FusionOp, SiteState
 
@@ -83,6 +83,7 @@ class FusionModel(nn.Module):
         self.fusions = nn.ModuleDict()
         self._schedule: dict[int, dict[str, list[FusionOp]]] = {s: {site: [] for site in SITES}
                                                                  for s in range(self.num_steps)}
+        self._op_labels: dict[int, str] = {}
         for spec in operators:
             self._add_operator(spec, dims, layouts, rates)
         self.heads = nn.ModuleDict(dict(heads))
@@ -159,6 +160,7 @@ class FusionModel(nn.Module):
             ops[str(step)] = op
             for site in sites:
                 self._schedule[step][site].append(op)
+            self._op_labels[id(op)] = f"{spec.name}/{step}"  # names its attention calls (attention.recording)
         self.fusions[spec.name] = ops
 
     # running -----------------------------------------------------------------------------------
@@ -174,7 +176,8 @@ class FusionModel(nn.Module):
     def _run_site(self, site: str, ops: list[FusionOp], x: dict[str, Tensor], layouts: dict[str, TokenLayout],
                   layers: dict[str, nn.Module], step: int) -> None:
         for op in ops:
-            x.update(op(SiteState(x, layouts, layers, step, site)))
+            with attention_label(self._op_labels.get(id(op), type(op).__name__)):
+                x.update(op(SiteState(x, layouts, layers, step, site)))
 
     # frozen-feature cache (fusionkit.feature_cache) ----------------------------------------------
 

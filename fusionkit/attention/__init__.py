@@ -6,8 +6,11 @@ Everything in fusionkit that attends goes through :func:`attention` (directly or
 
 from fusionkit.attention.kernels import (
     BACKENDS,
+    AttentionRecord,
     BlockDiagonal,
     attention,
+    attention_label,
+    recording,
     requested_backend,
     resolve_backend,
     use_backend,
@@ -18,7 +21,7 @@ from fusionkit.attention.multihead import Attention
 from fusionkit.attention.windows import Global, Local, Ragged, Space, Time, Window, WindowPlan, make_window, windowed
 
 __all__ = [
-    "BACKENDS", "Attention", "BlockDiagonal", "Global", "Local", "Ragged", "Space", "Time", "TokenLayout",
-    "Window", "WindowPlan", "attention", "make_window", "requested_backend", "resolve_backend", "use_backend",
+    "BACKENDS", "Attention", "AttentionRecord", "BlockDiagonal", "Global", "Local", "Ragged", "Space", "Time", "TokenLayout",
+    "Window", "WindowPlan", "attention", "attention_label", "make_window", "recording", "requested_backend", "resolve_backend", "use_backend",
     "windowed", "xformers_available",
 ]

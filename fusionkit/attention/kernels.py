@@ -162,7 +162,59 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Bias = None, dropout_p: flo
         if sum(bias.q_seqlens) != q.shape[2] or sum(bias.kv_seqlens) != k.shape[2]:
             raise ValueError(f"BlockDiagonal covers {sum(bias.q_seqlens)} queries / {sum(bias.kv_seqlens)} keys "
                              f"but q has {q.shape[2]} and k has {k.shape[2]} tokens")
+    if _records and _labels:
+        return _recorded(q, k, v, bias, scale)
     return KERNELS.get(resolve_backend(q))(q, k, v, bias, dropout_p, scale)
+
+
+@dataclass(frozen=True)
+class AttentionRecord:
+    """One call of :func:`attention` under :func:`recording`: ``label`` (the :func:`attention_label`
+    stack joined by ``/``, e.g. ``bca/3/t2s``) and its ``weights`` ``(B', H, Lq, Lk)`` (float32, CPU;
+    ``B'`` = batch × windows when the caller regrouped tokens into windows; masked keys have 0)."""
+
+    label: str
+    weights: Tensor
+
+
+_labels: list[str] = []
+_records: list[list[AttentionRecord]] = []
+
+
+@contextlib.contextmanager
+def attention_label(name: str) -> Iterator[None]:
+    """Name the attention calls inside the block (nestable: names join with ``/``). Shared mechanisms
+    (the fusion graph: ``<operator>/<step>``) and operators (a direction) set them; only labelled
+    calls are recorded."""
+    _labels.append(name)
+    try:
+        yield
+    finally:
+        _labels.pop()
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[AttentionRecord]]:
+    """Collect the weights of every labelled :func:`attention` call inside the block (computed by the
+    eager maths, without dropout: for inspection under ``torch.no_grad``, never for training)."""
+    out: list[AttentionRecord] = []
+    _records.append(out)
+    try:
+        yield out
+    finally:
+        _records.pop()
+
+
+def _recorded(q: Tensor, k: Tensor, v: Tensor, bias: Bias, scale: float | None) -> Tensor:
+    """The eager maths of :func:`eager_attention`, keeping the softmax weights in the active recording."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q * scale) @ k.transpose(-2, -1)
+    dense = _dense_bias(bias, q.device)
+    if dense is not None:
+        logits = logits.masked_fill(~dense, float("-inf")) if dense.dtype == torch.bool else logits + dense
+    weights = logits.softmax(dim=-1)
+    _records[-1].append(AttentionRecord("/".join(_labels), weights.detach().float().cpu()))
+    return weights @ v
 
 
 def _dense_bias(bias: Bias, device: torch.device) -> Tensor | None:

@@ -42,7 +42,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from fusionkit.adapters import Adapter
-from fusionkit.attention import Attention, TokenLayout, Window, make_window, windowed
+from fusionkit.attention import Attention, TokenLayout, Window, attention_label, make_window, windowed
 from fusionkit.fusion.base import FusionOp, SiteState
 from fusionkit.fusion.time_embed import TimeIntervalMLP
 from fusionkit.registry import FUSIONS
@@ -259,8 +259,9 @@ class BCA(FusionOp):
         for name, (q, k, window) in self.directions.items():
             pos = self.positions[name]
             fn = functools.partial(self.cross[name], attn=self.attention_of(name))
-            out = windowed(fn, inputs(q, pos), state.layouts[q], window, kv=inputs(k, pos),
-                           kv_layout=state.layouts[k], query_extras=False, key_extras=False)
+            with attention_label(name):  # recorded as "<operator>/<step>/<direction>" (fusionkit inspect)
+                out = windowed(fn, inputs(q, pos), state.layouts[q], window, kv=inputs(k, pos),
+                               kv_layout=state.layouts[k], query_extras=False, key_extras=False)
             if self.mode == "bottleneck":
                 extras = extra_mask(state.layouts[q], out.device)
                 if extras is not None:  # official CAST: extras pass their own bottleneck vector through
