@@ -21,12 +21,11 @@ class Adapter(nn.Module):
     Input and output ``(..., D)``.
     """
 
-    def __init__(self, dim: int, ratio: float = 0.25, skip: bool = False) -> None:
+    def __init__(self, dim: int, ratio: float = 0.25) -> None:
         super().__init__()
         hidden = int(dim * ratio)
         if hidden < 1:
             raise ValueError(f"adapter ratio {ratio} gives an empty bottleneck for width {dim}")
-        self.skip = skip
         self.D_fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.D_fc2 = nn.Linear(hidden, dim)
@@ -36,8 +35,7 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.D_fc2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.D_fc2(self.act(self.D_fc1(x)))
-        return x + out if self.skip else out
+        return self.D_fc2(self.act(self.D_fc1(x)))
 
 
 def attach_adapters(expert: nn.Module, *, attn: bool = True, mlp: bool = True, ratio: float = 0.25,

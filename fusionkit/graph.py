@@ -153,8 +153,8 @@ class FusionModel(nn.Module):
                                  f"{self.num_steps} steps (0-{self.num_steps - 1})")
             try:
                 op = spec.cls(experts=list(spec.experts), dims={e: dims[step][e] for e in spec.experts},
-                              layouts={e: layouts[step][e] for e in spec.experts}, step=step,
-                              num_steps=self.num_steps, drop_path=rates[step], **dict(spec.options))
+                              layouts={e: layouts[step][e] for e in spec.experts},
+                              drop_path=rates[step], **dict(spec.options))
             except (ValueError, TypeError, KeyError) as err:
                 raise ValueError(f"operator {spec.name!r} ({spec.cls.__name__}) at step {step}: {err}") from err
             ops[str(step)] = op

@@ -258,7 +258,7 @@ class AdapterSumHead(Head):
             raise ValueError(f"{self.label}: adapter_sum adds the experts' features, so they need one width; got "
                              f"{self.dims} (use concat or mlp, or project the features first)")
         (dim,) = widths
-        self.adapters = nn.ModuleDict({e: Adapter(dim, ratio, skip=False) for e in self.dims})
+        self.adapters = nn.ModuleDict({e: Adapter(dim, ratio) for e in self.dims})
         self.dropout = nn.Dropout(_check_dropout(self, dropout))
         self.fc = _init_linear(nn.Linear(dim, classes), init_scale)
 

@@ -72,7 +72,7 @@ RANGE = re.compile(r"^-?\d*:-?\d*$")  # "9:12": YAML 1.1 would read an unquoted 
 EXPERT_KEYS = ("type", "adapters", "align", "weights")
 OPERATOR_KEYS = ("type", "experts", "site", "layers")
 HEAD_KEYS = ("type", "target")  # target: the label a head trains on (default: its name)
-GRAPH_GIVEN = ("experts", "dims", "layouts", "step", "num_steps", "drop_path")  # filled in by the graph
+GRAPH_GIVEN = ("experts", "dims", "layouts", "drop_path")  # filled in by the graph
 ADAPTER_KEYS = ("attn", "mlp", "ratio", "mlp_scale", "layers")
 TRAINABLE_KEYS = ("unfreeze", "freeze")
 

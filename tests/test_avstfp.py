@@ -441,8 +441,8 @@ def test_table4_ablation_counts_vit_l14():
     grid = TokenLayout(10, 16, 16, extras=1, per_frame_extras=True)
     for stages, paper in TABLE4.items():
         ops = [AVSTFP(experts=["audio", "video"], dims={"audio": 1024, "video": 1024},
-                      layouts={"audio": grid, "video": grid}, step=i, num_steps=24, stages=stages)
-               for i in range(24)]
+                      layouts={"audio": grid, "video": grid}, stages=stages)
+               for _ in range(24)]
         trainable = 1_063_965 + sum(p.numel() for op in ops for p in op.parameters())
         assert trainable == 1_063_965 + prompt_params(stages.replace("none", ""), 24, 1024)
         assert abs(trainable / paper - 1) < 0.05, stages

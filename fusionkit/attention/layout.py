@@ -90,6 +90,3 @@ class TokenLayout:
         """Raise a ``ValueError`` naming both shapes when ``x`` is not ``(B, L, D)`` for this layout."""
         if x.dim() != 3 or x.shape[1] != self.length:
             raise ValueError(f"{what} of shape {tuple(x.shape)} do not match {self}: expected (B, {self.length}, D)")
-
-    def with_extras(self, extras: int) -> TokenLayout:
-        return TokenLayout(self.t, self.h, self.w, extras, self.per_frame_extras and extras > 0)

@@ -132,7 +132,7 @@ class AVSTFP(FusionOp):
     site = "replace_attn"
 
     def __init__(self, *, experts: Sequence[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
-                 step: int = 0, num_steps: int = 1, drop_path: float = 0.0, stages: str | Sequence[str] = STAGES,
+                 drop_path: float = 0.0, stages: str | Sequence[str] = STAGES,
                  temporal_prompts: int = 2, spatial_prompts: int = 10, fusion_prompts: int = 2,
                  beta_temporal: float = 0.1, beta_fusion: float = 0.1, fusion_window: str = "frame",
                  prompt_norm: bool = True, fusion_expert: str | None = None, spatial_window: str | None = None,

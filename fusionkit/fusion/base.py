@@ -13,9 +13,9 @@ post_mlp        after the MLP, i.e. after the whole layer (after each stage of a
 
 An operator is built once per step of its layer range by its registered class, called with
 keyword arguments only: the graph's ``experts`` (names it joins), ``dims`` and ``layouts`` (width
-and :class:`~fusionkit.attention.TokenLayout` of every joined expert at that step), ``step``,
-``num_steps`` and ``drop_path`` (the graph's stochastic-depth rate for that step), plus the
-operator's own options from the recipe. The expert never knows which operator it hosts.
+and :class:`~fusionkit.attention.TokenLayout` of every joined expert at that step) and
+``drop_path`` (the graph's stochastic-depth rate for that step), plus the operator's own options
+(the step itself arrives with every call, ``SiteState.step``) from the recipe. The expert never knows which operator it hosts.
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ class BCA(FusionOp):
                              "width is mode bottleneck's, adapter_ratio mode full_adapter's)")
 
     def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
-                 directions: Mapping[str, Mapping[str, str] | None] | None = None, step: int = 0, num_steps: int = 1,
+                 directions: Mapping[str, Mapping[str, str] | None] | None = None,
                  drop_path: float = 0.0, ratio: float = 0.5, bottleneck_dim: int | None = None, heads: int = 12,
                  position: str = "learned", time_mlp: Mapping[str, Any] | None = None, mode: str = "bottleneck",
                  adapter_ratio: float = 0.25, share: str = "direction", norm_eps: float = 1e-6) -> None:

@@ -75,7 +75,7 @@ class LateFusion(FusionOp):
     zero_init = True  # the graph is the identity at init (zero projections)
 
     def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
-                 step: int = 0, num_steps: int = 1, drop_path: float = 0.0, mode: str = "add",
+                 drop_path: float = 0.0, mode: str = "add",
                  receivers: Sequence[str] | None = None) -> None:
         super().__init__(experts=experts)
         if mode not in MODES:

@@ -110,7 +110,7 @@ class Lateral(FusionOp):
     zero_init = True  # the graph is the identity at init (zero projections)
 
     def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
-                 step: int = 0, num_steps: int = 1, drop_path: float = 0.0,
+                 drop_path: float = 0.0,
                  directions: Mapping[str, Mapping[str, str] | None] | None = None,
                  resample: str = "trilinear") -> None:
         super().__init__(experts=experts)

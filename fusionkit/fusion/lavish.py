@@ -171,7 +171,7 @@ class LAVISH(FusionOp):
     """LAVISH latent audio-visual adapters in parallel to attention and MLP (LAVISH eq. 4–9).
 
     Args:
-        experts, dims, layouts, step, num_steps, drop_path: given by the graph.
+        experts, dims, layouts, drop_path: given by the graph.
         directions: cross-modal directions ``"source->target"``; each gives its target two adapters
             (attention- and MLP-parallel). Default: both directions between the two joined experts.
             A2V only: ``[audio->video]``; a stream may adapt from itself (``audio->audio``) for the
@@ -193,7 +193,7 @@ class LAVISH(FusionOp):
     zero_init = True  # g_av and the output gate start at 0: every adapter outputs exactly 0
 
     def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
-                 step: int = 0, num_steps: int = 1, drop_path: float = 0.0,
+                 drop_path: float = 0.0,
                  directions: Sequence[str] | None = None, latents: int = 2, avish: bool = False,
                  reduction: int = 8, groups: int = 2, latent_init: str = "uniform", latent_gate: bool = False,
                  window: str = "auto", mlp: bool = True, norm_eps: float = 1e-5) -> None:

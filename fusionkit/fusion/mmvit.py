@@ -197,7 +197,7 @@ class MMViT(FusionOp):
     Args:
         experts: the joined streams (one per modality, equal width, one ``(T, H, W)`` grid); the first
             one's stream order is the chunk order of shift-merge.
-        dims, layouts, step, num_steps, drop_path: given by the graph.
+        dims, layouts, drop_path: given by the graph.
         variant: ``I``, ``II``, ``III`` (default) or ``IV`` (also ``1``–``4``).
         cross: cross-modal attention of III / IV: ``merged`` (default), ``co`` or ``shift``.
         order: attention order: ``TS`` / ``ST`` (II) or a permutation of ``TMS`` (III / IV, default
@@ -216,7 +216,7 @@ class MMViT(FusionOp):
     site = "replace_attn"
 
     def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
-                 step: int = 0, num_steps: int = 1, drop_path: float = 0.0, variant: str | int = "III",
+                 drop_path: float = 0.0, variant: str | int = "III",
                  cross: str | None = None, order: str | None = None, heads: int | None = None,
                  time_extras: bool | None = None, window_frames: int | None = None,
                  window_size: Sequence[int] | None = None, convs: Sequence[str] | None = None,
