@@ -222,8 +222,15 @@ class Ragged(Window):
         return [kept for run in runs if (kept := run[is_patch[run]]).numel()]
 
 
+# aliases, registered beside the windows they name (``fusionkit list`` shows them): the whole clip
+# (B-CA's ``space-time``, AV-STFP's ``clip``) and one frame (AV-STFP's ``frame``)
+for _alias, _cls in {"space-time": Global, "spacetime": Global, "clip": Global, "frame": Space}.items():
+    WINDOWS.register(_alias, description=f"alias of {_cls.__name__.lower()}")(_cls)
+
+
 def make_window(spec: str | Window) -> Window:
-    """A window from its registry name (``"time"``) or an instance (returned as is)."""
+    """A window from its registry name (``"time"``, or an alias such as ``"space-time"``) or an instance
+    (returned as is)."""
     if isinstance(spec, Window):
         return spec
     return WINDOWS.get(spec)()

@@ -68,7 +68,7 @@ from fusionkit.fusion.base import FusionOp, SiteState
 from fusionkit.registry import FUSIONS
 
 STAGES = "TSF"
-FUSION_WINDOWS = {"frame": "space", "clip": "global"}
+FUSION_WINDOWS = ("frame", "clip")  # window aliases (fusionkit.attention.windows): space, global
 
 
 def parse_stages(stages: str | Sequence[str] | None) -> str:
@@ -235,7 +235,7 @@ class AVSTFP(FusionOp):
     def fuse(self, xa: Tensor, xv: Tensor, la: TokenLayout, lv: TokenLayout, norm_a: nn.Module,
              norm_v: nn.Module, layer: nn.Module) -> tuple[Tensor, Tensor]:
         """Eq. 5: ``[A, V] += β_av · DP(ls1(MHSA([LN A, LN P_f, LN V])))`` per frame or clip (prompt outputs dropped)."""
-        window = make_window(FUSION_WINDOWS[self.fusion_window])
+        window = make_window(self.fusion_window)
         pa, pv = window.plan(la), window.plan(lv)
         for plan, what in ((pa, "audio"), (pv, "video")):
             if not plan.uniform:

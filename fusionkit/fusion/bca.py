@@ -50,14 +50,6 @@ from fusionkit.registry import FUSIONS
 MODES = ("bottleneck", "full", "full_adapter")
 SHARES = ("direction", "pair")
 POSITIONS = ("learned", "time", "none")
-WINDOW_ALIASES = {"space-time": "global", "spacetime": "global"}
-
-
-def resolve_window(name: str | Window) -> Window:
-    """A window by name; ``space-time`` is the whole clip (``global`` over patches)."""
-    return make_window(WINDOW_ALIASES.get(name, name) if isinstance(name, str) else name)
-
-
 def window_length(window: Window, layout: TokenLayout, what: str) -> int:
     """Length of every patch sequence of ``window`` over ``layout`` (position embeddings need one)."""
     plan = window.plan(layout, extras=False)
@@ -185,7 +177,7 @@ class BCA(FusionOp):
             if self.positions[name] not in POSITIONS:
                 raise ValueError(f"bca direction {name!r}: unknown position {self.positions[name]!r}; valid: "
                                  f"{', '.join(POSITIONS)}")
-            self.directions[name] = (spec["query"], spec["key"], resolve_window(spec.get("window", "global")))
+            self.directions[name] = (spec["query"], spec["key"], make_window(spec.get("window", "global")))
         if mode == "bottleneck":
             width = bottleneck_dim or _bottleneck_width(ratio, max(dims.values()))
         else:
@@ -297,4 +289,4 @@ def extra_mask(layout: TokenLayout, device: torch.device) -> Tensor | None:
     return mask
 
 
-__all__ = ["BCA", "CrossDirection", "extra_mask", "pair_key", "resolve_window", "window_length"]
+__all__ = ["BCA", "CrossDirection", "extra_mask", "pair_key", "window_length"]
