@@ -206,20 +206,31 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
     return meta
 
 
-def load_model(path: str | os.PathLike[str], recipe: Any = None, overrides: tuple[str, ...] = ()) -> nn.Module:
-    """Rebuild the model of a checkpoint (its recorded recipe and seed, or ``recipe``) and load it."""
-    from fusionkit.recipes import build_from_config, load_recipe
+def rebuild(cfg: Mapping[str, Any], path: str | os.PathLike[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a loaded recipe built under the one seed rule (the checkpoint's ``build_seed``, else
+    the recipe's ``train.seed``, default 0: random frozen experts come out as in training), with the
+    checkpoint at ``path`` loaded when given; returns it and the checkpoint's metadata."""
+    from fusionkit.engine.config import TRAIN_DEFAULTS
+    from fusionkit.recipes import build_from_config
 
-    meta = read_meta(path).get("fusionkit", {})
+    meta = read_meta(path).get("fusionkit", {}) if path else {}
+    torch.manual_seed(int(meta.get("build_seed", (cfg.get("train") or {}).get("seed", TRAIN_DEFAULTS["seed"]))))
+    model = build_from_config(cfg)
+    if path:
+        load_weights(model, path)
+    return model, meta
+
+
+def load_model(path: str | os.PathLike[str], recipe: Any = None, overrides: tuple[str, ...] = ()) -> nn.Module:
+    """Rebuild the model of a checkpoint (its recorded recipe, or ``recipe``) and load it (:func:`rebuild`)."""
+    from fusionkit.recipes import load_recipe
+
     if recipe is None:
+        meta = read_meta(path).get("fusionkit", {})
         if "recipe" not in meta:
             raise CheckpointError(f"checkpoint {path} records no recipe; pass one")
         recipe = meta["recipe"]
-    cfg = load_recipe(recipe, overrides)
-    torch.manual_seed(int(meta.get("build_seed", 0)))
-    model = build_from_config(cfg)
-    load_weights(model, path)
-    return model
+    return rebuild(load_recipe(recipe, overrides), path)[0]
 
 
 # -- training state ------------------------------------------------------------------------------

@@ -144,14 +144,9 @@ def default_monitor(metrics: Mapping[str, float]) -> str | None:
 def model_for(recipe: Mapping[str, Any], checkpoint: str | None, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """Build ``recipe``'s model (with the checkpoint's build seed, so random frozen experts match) and load
     ``checkpoint`` into it; returns the model (eval mode, on ``device``) and the checkpoint metadata."""
-    from fusionkit.engine.checkpoint import load_weights, read_meta
-    from fusionkit.recipes import build_from_config
+    from fusionkit.engine.checkpoint import rebuild
 
-    meta = read_meta(checkpoint).get("fusionkit", {}) if checkpoint else {}
-    torch.manual_seed(int(meta.get("build_seed", (recipe.get("train") or {}).get("seed", 0))))
-    model = build_from_config(recipe)
-    if checkpoint:
-        load_weights(model, checkpoint)
+    model, meta = rebuild(recipe, checkpoint)
     return model.to(device).eval(), meta
 
 
