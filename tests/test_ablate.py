@@ -198,10 +198,12 @@ def test_jobs_run_side_by_side_in_workers_with_the_same_results(tmp_path, data_r
     for a, b in zip(rows1, rows2):
         assert b["steps"] == a["steps"] == 2 and b["params_trainable"] == a["params_trainable"]
         assert b["metrics"] == pytest.approx(a["metrics"], abs=1e-6)
-    # the exported experts are the same weights: one thread per worker changes no number that matters
+    # the exported experts are the same weights up to the rounding of one thread per worker against two in
+    # one process (a different summation order): up to 6.9e-5 on weights of magnitude 0.07 on an Intel Xeon
+    # (AVX-512), under 1e-5 on an AMD EPYC; the metrics above agree to 1e-6
     from safetensors.torch import load_file
     w1, w2 = (load_file(str(d / "pretrain" / "spatial" / "expert.safetensors")) for d in (one, two))
-    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], rtol=0, atol=2e-4) for k in w1)
     assert main(["ablate", str(path), "--output-dir", str(two), "--no-progress", "--jobs", "2"]) == 0
     assert "2 runs (2 finished before)" in capsys.readouterr().out
 
