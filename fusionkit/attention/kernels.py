@@ -207,12 +207,7 @@ def recording() -> Iterator[list[AttentionRecord]]:
 
 def _recorded(q: Tensor, k: Tensor, v: Tensor, bias: Bias, scale: float | None) -> Tensor:
     """The eager maths of :func:`eager_attention`, keeping the softmax weights in the active recording."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q * scale) @ k.transpose(-2, -1)
-    dense = _dense_bias(bias, q.device)
-    if dense is not None:
-        logits = logits.masked_fill(~dense, float("-inf")) if dense.dtype == torch.bool else logits + dense
-    weights = logits.softmax(dim=-1)
+    weights = attention_weights(q, k, bias, scale)
     _records[-1].append(AttentionRecord("/".join(_labels), weights.detach().float().cpu()))
     return weights @ v
 
@@ -221,16 +216,21 @@ def _dense_bias(bias: Bias, device: torch.device) -> Tensor | None:
     return bias.materialize(device) if isinstance(bias, BlockDiagonal) else bias
 
 
+def attention_weights(q: Tensor, k: Tensor, bias: Bias = None, scale: float | None = None) -> Tensor:
+    """``softmax(q kᵀ · scale + bias)`` ``(B, H, Lq, Lk)``: the eager kernel's weights (masked keys 0)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q * scale) @ k.transpose(-2, -1)
+    dense = _dense_bias(bias, q.device)
+    if dense is not None:
+        logits = logits.masked_fill(~dense, float("-inf")) if dense.dtype == torch.bool else logits + dense
+    return logits.softmax(dim=-1)
+
+
 @KERNELS.register("eager")
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, bias: Bias = None, dropout_p: float = 0.0,
                     scale: float | None = None) -> Tensor:
     """Reference maths in plain PyTorch (softmax of scaled logits); slow, exact, for tests."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q * scale) @ k.transpose(-2, -1)
-    bias = _dense_bias(bias, q.device)
-    if bias is not None:
-        logits = logits.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else logits + bias
-    weights = logits.softmax(dim=-1)
+    weights = attention_weights(q, k, bias, scale)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v

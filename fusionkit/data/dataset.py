@@ -65,7 +65,7 @@ from fusionkit.registry import MODALITIES as MODALITY_REGISTRY
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("video", "audio", "motion", "iframe", "residual")
+MODALITIES = producers.BUILTIN  # decoded here; plugins add producers (fusionkit.data.producers)
 VISUAL = ("video", "iframe", "motion", "residual")  # modalities read from the sampled frames
 MISSING = ("silence", "error", "skip")
 AUDIO_KEYS = ("sample_rate", "seconds", "missing", "frontend")

@@ -45,7 +45,14 @@ from fusionkit.data.decode import DecodeError, MediaInfo
 from fusionkit.errors import FusionkitError
 from fusionkit.registry import MODALITIES
 
-BUILTIN = ("video", "audio", "motion", "iframe", "residual")
+BUILTIN_STREAMS = {  # name → what the batch holds (``fusionkit list`` shows it)
+    "video": "RGB frames (3, T, H, W), normalised: the sampled frames after the train / test transform",
+    "audio": "Mono waveform (samples,) at audio.sample_rate, or front-end features (frames, F)",
+    "motion": "Codec motion vectors (2, T, H, W), dx / dy in output pixels (fusionkit.data.motion)",
+    "iframe": "The keyframe starting each sampled frame's GOP (3, T, H, W), normalised as the video",
+    "residual": "Motion-compensated residuals (3, T, H, W) in the video's units (fusionkit.data.compressed)",
+}
+BUILTIN = tuple(BUILTIN_STREAMS)
 
 
 class ModalityError(FusionkitError, ValueError):
@@ -107,39 +114,14 @@ def frame_streams(names: Sequence[str]) -> dict[str, FrameStream]:
     return out
 
 
-@MODALITIES.register("video")
-class Video(Modality):
-    """RGB frames (3, T, H, W), normalised: the sampled frames after the train / test transform."""
+class Builtin(Modality):
+    """A stream :class:`~fusionkit.data.dataset.ManifestDataset` decodes itself (no producer to call)."""
 
     builtin = True
 
 
-@MODALITIES.register("audio")
-class Audio(Modality):
-    """Mono waveform (samples,) at audio.sample_rate, or front-end features (frames, F)."""
-
-    builtin = True
+for _name, _what in BUILTIN_STREAMS.items():
+    MODALITIES.register(_name, description=_what)(Builtin)
 
 
-@MODALITIES.register("motion")
-class Motion(Modality):
-    """Codec motion vectors (2, T, H, W), dx / dy in output pixels (fusionkit.data.motion)."""
-
-    builtin = True
-
-
-@MODALITIES.register("iframe")
-class IFrame(Modality):
-    """The keyframe starting each sampled frame's GOP (3, T, H, W), normalised as the video."""
-
-    builtin = True
-
-
-@MODALITIES.register("residual")
-class Residual(Modality):
-    """Motion-compensated residuals (3, T, H, W) in the video's units (fusionkit.data.compressed)."""
-
-    builtin = True
-
-
-__all__ = ["BUILTIN", "FrameStream", "Modality", "ModalityError", "frame_streams", "producer"]
+__all__ = ["BUILTIN", "BUILTIN_STREAMS", "Builtin", "FrameStream", "Modality", "ModalityError", "frame_streams", "producer"]
