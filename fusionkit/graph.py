@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from fusionkit import feature_cache as fc
 from fusionkit.attention import TokenLayout, attention_label
 from fusionkit.experts.base import Expert, Tokens
+from fusionkit.experts.layer import StepLayer, check_layers
 from fusionkit.fusion.base import SITES, FusionOp, SiteState
 
 
@@ -71,6 +72,8 @@ class FusionModel(nn.Module):
                  align: Mapping[str, Sequence[int]] | None = None, drop_path: float = 0.0) -> None:
         super().__init__()
         self.experts = nn.ModuleDict(dict(experts))
+        for e, expert in experts.items():
+            check_layers(e, expert.layers)
         self.align = {e: list(range(ex.depth)) for e, ex in experts.items()}
         for e, steps in (align or {}).items():
             self._check_align(e, list(steps))
@@ -126,7 +129,7 @@ class FusionModel(nn.Module):
         for step in range(self.num_steps):
             for e, i in self._active_at[step].items():
                 layer = self.experts[e].layers[i]
-                if not hasattr(layer, "attend"):  # a CNN stage changes the grid and the width
+                if not isinstance(layer, StepLayer):  # a stage changes the grid and the width
                     tokens[e] = Tokens(*layer(tokens[e].x, tokens[e].layout))
             dims.append({e: t.x.shape[-1] for e, t in tokens.items()})
             layouts.append({e: t.layout for e, t in tokens.items()})
@@ -174,10 +177,10 @@ class FusionModel(nn.Module):
         return out
 
     def _run_site(self, site: str, ops: list[FusionOp], x: dict[str, Tensor], layouts: dict[str, TokenLayout],
-                  layers: dict[str, nn.Module], step: int) -> None:
+                  layers: dict[str, nn.Module], step: int, carry: dict[int, dict[str, Any]]) -> None:
         for op in ops:
             with attention_label(self._op_labels.get(id(op), type(op).__name__)):
-                x.update(op(SiteState(x, layouts, layers, step, site)))
+                x.update(op(SiteState(x, layouts, layers, step, site, carry.setdefault(id(op), {}))))
 
     # frozen-feature cache (fusionkit.feature_cache) ----------------------------------------------
 
@@ -221,8 +224,8 @@ class FusionModel(nn.Module):
             if i is None:
                 continue
             layer = self.experts[e].layers[i]
-            if hasattr(layer, "attend"):
-                x = layer.feed_forward(layer.attend(x, layout))
+            if isinstance(layer, StepLayer):
+                x = layer(x, layout)
             else:
                 x, layout = layer(x, layout)
         return Tokens(x, layout)
@@ -265,19 +268,20 @@ class FusionModel(nn.Module):
             sites = self._schedule[step]
             layers = {e: self.experts[e].layers[i] for e, i in self._active_at[step].items() if step >= begin[e]}
             handled = {e for op in sites["replace_attn"] for e in op.experts}
-            self._run_site("replace_attn", sites["replace_attn"], x, layouts, layers, step)
+            carry: dict[int, dict[str, Any]] = {}  # per operator, from one site of this step to the next
+            self._run_site("replace_attn", sites["replace_attn"], x, layouts, layers, step, carry)
             for e, layer in layers.items():
                 if e in handled:
                     continue
-                if hasattr(layer, "attend"):
+                if isinstance(layer, StepLayer):
                     x[e] = layer.attend(x[e], layouts[e])
                 else:
                     x[e], layouts[e] = layer(x[e], layouts[e])
-            self._run_site("post_attn", sites["post_attn"], x, layouts, layers, step)
+            self._run_site("post_attn", sites["post_attn"], x, layouts, layers, step, carry)
             for e, layer in layers.items():
-                if hasattr(layer, "feed_forward"):
+                if isinstance(layer, StepLayer):
                     x[e] = layer.feed_forward(x[e])
-            self._run_site("post_mlp", sites["post_mlp"], x, layouts, layers, step)
+            self._run_site("post_mlp", sites["post_mlp"], x, layouts, layers, step, carry)
         return {e: Tokens(self.experts[e].final_norm(x[e]), layouts[e]) for e in x}
 
     def features(self, tokens: Mapping[str, Tokens]) -> dict[tuple[str, str | None], Tensor]:

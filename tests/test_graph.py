@@ -262,6 +262,14 @@ def test_head_reading_unknown_expert_fails():
         FusionModel(dict(model.experts), [], {"g": Ghost()}, {"video": (3, 8, 32, 32)})
 
 
+def test_expert_layer_of_neither_kind_fails_naming_expert_and_index():
+    model = fusionkit.build(cast_recipe(), ["fusion.bca=null"])
+    experts = dict(model.experts)
+    experts["temporal"].layers[1] = nn.Linear(4, 4)  # neither a StepLayer nor a Stage
+    with pytest.raises(TypeError, match=r"expert 'temporal': layers\[1\] is a Linear, neither a StepLayer"):
+        FusionModel(experts, [], {}, {"video": (3, 8, 32, 32)})
+
+
 def test_operator_joining_unknown_expert_fails():
     with pytest.raises(RecipeError, match=r"operator 'bca' joins unknown expert\(s\) \['ghost'\]"):
         fusionkit.build(cast_recipe(), ["fusion.bca.experts=[spatial,ghost]"])

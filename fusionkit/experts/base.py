@@ -5,9 +5,10 @@ An expert exposes
 * ``modality``: the batch key it reads (``"video"`` ``(B, 3, T, H, W)``, ``"audio"`` ``(B, samples)`` or
   frontend features);
 * ``embed(inputs) -> Tokens``: tokens ``(B, L, D)`` and their :class:`~fusionkit.attention.TokenLayout`;
-* ``layers``: an ``nn.ModuleList`` run in order. Transformer experts hold
-  :class:`~fusionkit.experts.block.Block` layers, whose ``attend`` / ``feed_forward`` steps let fusion
-  operators act between attention and MLP; CNN experts hold stages (``stage(x, layout) -> (x, layout)``);
+* ``layers``: an ``nn.ModuleList`` run in order, each a :class:`~fusionkit.experts.layer.StepLayer`
+  (transformer layers such as :class:`~fusionkit.experts.block.Block`, whose ``attend`` /
+  ``feed_forward`` steps let fusion operators act between attention and MLP) or a
+  :class:`~fusionkit.experts.layer.Stage` (CNN stages, patch mergings: ``stage(x, layout) -> (x, layout)``);
 * ``dims``: the token width after each layer;
 * ``final_norm`` (on all tokens after the last layer), ``pool(tokens, mode)`` and ``pool_norm``
   (after pooling) for the clip feature ``(B, D)``. Both are registered on the expert itself (never
@@ -27,6 +28,7 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 
 from fusionkit.attention import TokenLayout
+from fusionkit.experts.layer import StepLayer
 from fusionkit.registry import FRONTENDS
 
 POOL_MODES = ("cls", "extras", "avg", "max", "frame_max")
@@ -115,7 +117,7 @@ class Expert(nn.Module):
     def run_layer(self, index: int, tokens: Tokens) -> Tokens:
         """Layer ``index`` alone (attention + MLP for a Block, a whole stage for a CNN)."""
         layer = self.layers[index]
-        if hasattr(layer, "attend"):
+        if isinstance(layer, StepLayer):
             return Tokens(layer(tokens.x, tokens.layout), tokens.layout)
         return Tokens(*layer(tokens.x, tokens.layout))
 

@@ -13,8 +13,9 @@ operators can act between them::
 
 Operators that re-run the frozen attention on regrouped tokens (AV-STFP, MM-ViT) call
 ``block.norm1`` and ``block.attn(h, kv=...)`` with a window of their own
-(:func:`fusionkit.attention.windowed`). Children use timm's names (norm1, attn, ls1, drop_path1,
-norm2, mlp, ls2, drop_path2).
+(:func:`fusionkit.attention.windowed`) and hand the result to ``block.attention_residual(x, out)``,
+the one place that adds layer scale, stochastic depth and the serial adapter (``Block.attend`` uses
+it too). Children use timm's names (norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fusionkit.attention import Attention, TokenLayout, Window, make_window, windowed
+from fusionkit.experts.layer import StepLayer
 
 
-class Block(nn.Module):
+class Block(StepLayer):
     """Pre-norm transformer layer over ``(B, L, D)`` tokens attending within ``window``.
 
     Args:
@@ -59,17 +61,18 @@ class Block(nn.Module):
         self.mlp_adapter_scale = 1.0
         self.adapter_drop_path: nn.Module = nn.Identity()
 
-    def attention_branch(self, x: Tensor, layout: TokenLayout) -> Tensor:
-        """``ls1(MHSA(LN1 x))`` within the block's window: ``(B, L, D)``, before the residual."""
-        return self.ls1(windowed(self.attn, self.norm1(x), layout, self.window))
-
-    def attend(self, x: Tensor, layout: TokenLayout) -> Tensor:
-        """Attention step: ``x + MHSA(LN1 x) [+ ADAP(MHSA(LN1 x))]``, ``(B, L, D)``."""
-        a = self.attention_branch(x, layout)
+    def attention_residual(self, x: Tensor, out: Tensor) -> Tensor:
+        """The attention step's residual around an attention output ``out`` ``(B, L, D)`` (before the layer
+        scale): ``x + DropPath(a) [+ ADAP(a)]`` with ``a = ls1(out)``, ``(B, L, D)``."""
+        a = self.ls1(out)
         x = x + self.drop_path1(a)
         if self.attn_adapter is not None:
             x = x + self.attn_adapter(a)
         return x
+
+    def attend(self, x: Tensor, layout: TokenLayout) -> Tensor:
+        """Attention step: ``x + MHSA(LN1 x) [+ ADAP(MHSA(LN1 x))]`` within the block's window, ``(B, L, D)``."""
+        return self.attention_residual(x, windowed(self.attn, self.norm1(x), layout, self.window))
 
     def feed_forward(self, x: Tensor) -> Tensor:
         """MLP step: ``x + FFN(LN2 x) [+ DropPath(s · ADAP(LN2 x))]``, ``(B, L, D)``."""
@@ -78,9 +81,6 @@ class Block(nn.Module):
         if self.mlp_adapter is not None:
             out = out + self.adapter_drop_path(self.mlp_adapter_scale * self.mlp_adapter(h))
         return out
-
-    def forward(self, x: Tensor, layout: TokenLayout) -> Tensor:
-        return self.feed_forward(self.attend(x, layout))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window={self.window.name}"

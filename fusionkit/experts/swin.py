@@ -35,12 +35,13 @@ from torch import Tensor, nn
 
 from fusionkit.attention import TokenLayout
 from fusionkit.experts.base import Expert, FrameSelect, Tokens
-from fusionkit.experts.timm_cnn import Stage
+from fusionkit.experts.layer import StepLayer
+from fusionkit.experts.timm_cnn import GridStage
 from fusionkit.experts.timm_vit import create_timm_model, frame_select
 from fusionkit.registry import EXPERTS
 
 
-class SwinBlock(nn.Module):
+class SwinBlock(StepLayer):
     """A timm ``SwinTransformerV2Block`` as fusionkit steps over ``(B, T·H·W, C)`` tokens.
 
     Children keep timm's names (``norm1``, ``attn``, ``drop_path1``, ``norm2``, ``mlp``,
@@ -64,14 +65,11 @@ class SwinBlock(nn.Module):
         """``x + DropPath(LN2(MLP(x)))``, token-wise, ``(B, L, C)``."""
         return x + self.block.drop_path2(self.block.norm2(self.block.mlp(x)))
 
-    def forward(self, x: Tensor, layout: TokenLayout) -> Tensor:
-        return self.feed_forward(self.attend(x, layout))
-
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window={tuple(self.block.window_size)}, shift={tuple(self.block.shift_size)}"
 
 
-class SwinMerge(Stage):
+class SwinMerge(GridStage):
     """timm's ``PatchMerging`` over tokens: ``(B, T·H·W, C)`` → ``(B, T·⌈H/2⌉·⌈W/2⌉, 2C)`` and the new layout."""
 
     def __init__(self, merge: nn.Module) -> None:

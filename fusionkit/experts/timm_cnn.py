@@ -9,11 +9,12 @@ from torch import Tensor, nn
 
 from fusionkit.attention import TokenLayout
 from fusionkit.experts.base import Expert, FrameSelect, Tokens
+from fusionkit.experts.layer import Stage
 from fusionkit.experts.timm_vit import create_timm_model, frame_select
 from fusionkit.registry import EXPERTS
 
 
-class Stage(nn.Module):
+class GridStage(Stage):
     """A module over a grid, applied to tokens: ``(B, T·H·W, C)`` → feature maps → ``body`` → ``(B, T·H'·W', C')``.
 
     CNN stages take channels-first maps ``(B·T, C, H, W)``; ``channels_last=True`` hands ``body``
@@ -59,7 +60,7 @@ class TimmCNN(Expert):
         children = dict(cnn.named_children())
         stem_names = list(children)[: list(children).index(first)]
         self.stem = nn.Sequential(*(children[n] for n in stem_names))
-        self.layers = nn.ModuleList(Stage(cnn.get_submodule(i["module"]), i["num_chs"]) for i in info)
+        self.layers = nn.ModuleList(GridStage(cnn.get_submodule(i["module"]), i["num_chs"]) for i in info)
         self.dims = [i["num_chs"] for i in info]
         self.frames = frame_select(frames)
         self.frozen = frozen

@@ -64,6 +64,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from fusionkit.attention import Attention, TokenLayout, make_window, windowed
+from fusionkit.experts.block import Block
 from fusionkit.fusion.base import FusionOp, SiteState
 from fusionkit.registry import FUSIONS
 
@@ -192,7 +193,7 @@ class AVSTFP(FusionOp):
         if layer is None:
             raise ValueError(f"avstfp at step {state.step}: expert {e!r} has no layer at this step (align the "
                              f"streams, or restrict the operator's layers); active: {sorted(state.layers)}")
-        if not (hasattr(layer, "norm1") and hasattr(layer, "attn")):
+        if not isinstance(layer, Block):
             raise ValueError(f"avstfp: expert {e!r} layer is a {type(layer).__name__}, not a transformer Block "
                              "(norm1 / attn): AV-STFP re-runs frozen attention")
         return layer
@@ -226,11 +227,7 @@ class AVSTFP(FusionOp):
         else:
             fn = layer.attn
         window = self.spatial_window or getattr(layer, "window", None) or make_window("space")
-        a = layer.ls1(windowed(self._uniform(fn), layer.norm1(x), layout, window))
-        out = x + layer.drop_path1(a)
-        if getattr(layer, "attn_adapter", None) is not None:
-            out = out + layer.attn_adapter(a)
-        return out
+        return layer.attention_residual(x, windowed(self._uniform(fn), layer.norm1(x), layout, window))
 
     def fuse(self, xa: Tensor, xv: Tensor, la: TokenLayout, lv: TokenLayout, norm_a: nn.Module,
              norm_v: nn.Module, layer: nn.Module) -> tuple[Tensor, Tensor]:

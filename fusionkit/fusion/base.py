@@ -21,7 +21,8 @@ and :class:`~fusionkit.attention.TokenLayout` of every joined expert at that ste
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -37,10 +38,14 @@ class SiteState:
     Attributes:
         x: tokens ``(B, L_e, D_e)`` of every expert, by name.
         layouts: their layouts.
-        layers: the expert layers running at this step (a :class:`~fusionkit.experts.block.Block`
-            for transformer experts), for operators that re-run frozen attention.
+        layers: the expert layers running at this step (:class:`~fusionkit.experts.layer.StepLayer` or
+            :class:`~fusionkit.experts.layer.Stage`; :class:`~fusionkit.experts.block.Block` for ViT-family
+            experts), for operators that run or re-run the frozen attention.
         step: the graph step.
         site: the site being run (an operator may act at several, see ``FusionOp.sites``).
+        carry: this operator's own dictionary for this step: what it stores at one site it reads at a
+            later site of the same step (LAVISH's MLP-parallel updates); the graph drops it after the step,
+            so nothing is kept on the module between calls.
     """
 
     x: dict[str, Tensor]
@@ -48,6 +53,7 @@ class SiteState:
     layers: dict[str, nn.Module]
     step: int
     site: str = "post_attn"
+    carry: dict[str, Any] = field(default_factory=dict)
 
 
 class FusionOp(nn.Module):

@@ -44,8 +44,8 @@ Site ``replace_attn``. At step ``ℓ`` the operator
 
 1. computes the attention-parallel adapters from the pre-attention tokens ``X``,
 2. runs each joined expert's frozen attention step itself (``layer.attend``) and adds them → ``Y``,
-3. computes the MLP-parallel adapters from ``Y`` of both streams, keeps them while the graph runs
-   every expert's MLP step, and adds them at ``post_mlp``: ``X' = Y + MLP(Y) + LAV(Y_s → Y_e)``
+3. computes the MLP-parallel adapters from ``Y`` of both streams, passes them on in the step's
+   ``state.carry`` while the graph runs every expert's MLP step, and adds them at ``post_mlp``: ``X' = Y + MLP(Y) + LAV(Y_s → Y_e)``
    (the operator acts at two sites, ``sites = ("replace_attn", "post_mlp")``).
 
 At init ``g_av`` and ``g`` are 0, so every adapter outputs exactly 0 and the graph computes what the
@@ -70,6 +70,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from fusionkit.attention import TokenLayout, attention, windowed
+from fusionkit.experts.layer import StepLayer
 from fusionkit.fusion.base import FusionOp, SiteState
 from fusionkit.registry import FUSIONS
 
@@ -223,7 +224,6 @@ class LAVISH(FusionOp):
         options = dict(latents=m, reduction=reduction, groups=groups, latent_init=latent_init,
                        latent_gate=latent_gate, norm_eps=norm_eps)
         self.attn_adapters = nn.ModuleDict({f"{s}_to_{t}": LatentAdapter(dims[t], **options) for s, t in pairs})
-        self._pending: dict[str, Tensor] = {}  # MLP-parallel updates between the two sites of a step
         self.mlp_adapters = nn.ModuleDict({f"{s}_to_{t}": LatentAdapter(dims[t], **options) for s, t in pairs}) \
             if mlp else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -249,10 +249,9 @@ class LAVISH(FusionOp):
         """At ``replace_attn``: post-attention tokens ``Y_e`` ``(B, L_e, C)`` of every joined expert (eq. 4–5,
         first lines); at ``post_mlp``: ``Y_e + MLP(Y_e)`` plus the MLP-parallel adapters (second lines)."""
         if state.site == "post_mlp":
-            pending, self._pending = self._pending, {}
-            return {e: state.x[e] + update for e, update in pending.items()}
+            return {e: state.x[e] + update for e, update in state.carry.pop("mlp", {}).items()}
         for e in self.experts:
-            if not hasattr(state.layers.get(e), "attend"):
+            if not isinstance(state.layers.get(e), StepLayer):
                 raise ValueError(f"lavish at step {state.step}: expert {e!r} has no transformer layer with an "
                                  "attention step here (e.g. a Swin patch merging); leave this step out of the "
                                  "operator's layers")
@@ -260,7 +259,8 @@ class LAVISH(FusionOp):
         extra = self._updates(self.attn_adapters, x, state.layouts)
         y = {e: state.layers[e].attend(x[e], state.layouts[e]) for e in self.experts}
         y = {e: y[e] + extra[e] if e in extra else y[e] for e in self.experts}
-        self._pending = self._updates(self.mlp_adapters, y, state.layouts) if self.mlp_adapters is not None else {}
+        if self.mlp_adapters is not None:  # added at post_mlp, after the graph ran the experts' MLP steps
+            state.carry["mlp"] = self._updates(self.mlp_adapters, y, state.layouts)
         return y
 
     def extra_repr(self) -> str:

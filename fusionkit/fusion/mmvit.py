@@ -70,6 +70,7 @@ from torch import Tensor, nn
 
 import fusionkit.experts.mmvit_stream  # noqa: F401  (registers mmvit_vit / mmvit_stream)
 from fusionkit.attention import Attention, Global, Local, Space, Time, TokenLayout, Window, windowed
+from fusionkit.experts.block import Block
 from fusionkit.fusion.base import FusionOp, SiteState
 from fusionkit.registry import FUSIONS
 
@@ -315,15 +316,6 @@ class MMViT(FusionOp):
                              f"joined experts {list(self.experts)} must share their layers (mmvit_stream experts)")
         return layer
 
-    @staticmethod
-    def _layer_update(layer: nn.Module, x: Tensor, out: Tensor) -> Tensor:
-        """The residual of the layer's own attention step (as ``Block.attend``)."""
-        a = layer.ls1(out)
-        y = x + layer.drop_path1(a)
-        if getattr(layer, "attn_adapter", None) is not None:
-            y = y + layer.attn_adapter(a)
-        return y
-
     def _conv(self, x: dict[str, Tensor], layouts: Mapping[str, TokenLayout], axis: str) -> dict[str, Tensor]:
         """IV: ``x + conv(x)`` over the patch grid of every stream (depthwise, kernel = window, stride 1);
         ``x`` unchanged when ``convs`` has no convolution on ``axis``."""
@@ -353,7 +345,7 @@ class MMViT(FusionOp):
         """I: every token attends to all tokens of all streams with the layer's attention."""
         layer = self._shared_layer(layers)
         out = self._across(layer.attn, {e: layer.norm1(x[e]) for e in self.experts}, layouts, Global())
-        return {e: self._layer_update(layer, x[e], out[e]) for e in self.experts}
+        return {e: layer.attention_residual(x[e], out[e]) for e in self.experts}
 
     def temporal(self, x: dict[str, Tensor], layouts: Mapping[str, TokenLayout],
                  layers: Mapping[str, nn.Module]) -> dict[str, Tensor]:
@@ -375,7 +367,7 @@ class MMViT(FusionOp):
         else:
             out = self._within({e: layers[e].attn for e in self.experts},
                                {e: layers[e].norm1(x[e]) for e in self.experts}, layouts, self.space_window)
-        x = {e: self._layer_update(layers[e], x[e], out[e]) for e in self.experts}
+        x = {e: layers[e].attention_residual(x[e], out[e]) for e in self.experts}
         return self._conv(x, layouts, "space")
 
     def cross_modal(self, x: dict[str, Tensor], layouts: Mapping[str, TokenLayout],
@@ -402,6 +394,10 @@ class MMViT(FusionOp):
         missing = [e for e in self.experts if e not in state.layers]
         if missing:
             raise ValueError(f"mmvit at step {state.step}: expert(s) {missing} have no layer at this step")
+        other = {e: type(state.layers[e]).__name__ for e in self.experts if not isinstance(state.layers[e], Block)}
+        if other:
+            raise ValueError(f"mmvit at step {state.step}: the layers of {other} are not transformer Blocks "
+                             "(norm1 / attn): MM-ViT re-runs the frozen attention")
         x = {e: state.x[e] for e in self.experts}
         steps = {"J": self.joint, "T": self.temporal, "M": self.cross_modal, "S": self.spatial}
         for s in self.order:
