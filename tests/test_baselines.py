@@ -80,14 +80,14 @@ def test_lateral_matches_a_token_loop() -> None:
 def test_lateral_one_direction_and_errors() -> None:
     layouts, dims = {"s": A, "t": B}, {"s": 6, "t": 4}
     op = Lateral(experts=["s", "t"], dims=dims, layouts=layouts,
-                 directions={"t2s": {"source": "t", "target": "s"}, "s2t": None})
+                 directions={"t2s": {"query": "s", "key": "t"}, "s2t": None})
     assert list(op.proj) == ["t2s"]
     randomize(op)
     x = tokens(layouts, dims)
     assert set(op(state(x, layouts))) == {"s"}
     assert sum(p.numel() for p in op.parameters()) == 4 * 6 + 6
     with pytest.raises(ValueError, match="not one of the joined experts"):
-        Lateral(experts=["s", "t"], dims=dims, layouts=layouts, directions={"x": {"source": "a", "target": "s"}})
+        Lateral(experts=["s", "t"], dims=dims, layouts=layouts, directions={"x": {"query": "s", "key": "a"}})
     with pytest.raises(ValueError, match="no directions"):
         Lateral(experts=["s", "t"], dims=dims, layouts=layouts, directions={"x": None})
     with pytest.raises(ValueError, match="unknown resample"):
@@ -99,11 +99,11 @@ def test_lateral_different_grids_nearest_and_per_clip_extras() -> None:
     src, dst = TokenLayout(4, 2, 4, extras=2), TokenLayout(2, 1, 2, extras=1)
     layouts, dims = {"a": src, "v": dst}, {"a": 3, "v": 5}
     op = Lateral(experts=["a", "v"], dims=dims, layouts=layouts, resample="nearest",
-                 directions={"a2v": {"source": "a", "target": "v"}})
+                 directions=["a->v"])
     randomize(op)
     x = tokens(layouts, dims)
     out = op(state(x, layouts))["v"]
-    w = op.proj["a2v"]
+    w = op.proj["a_to_v"]
     ref = x["v"].clone()
     upd = []
     for t in range(2):

@@ -208,7 +208,7 @@ def test_variants_build_by_one_override_and_train(override: str, adapters: set[s
 
 
 def test_unknown_direction_and_unequal_widths_fail() -> None:
-    with pytest.raises(fusionkit.recipes.RecipeError, match="source->target"):
+    with pytest.raises(fusionkit.recipes.RecipeError, match="query 'sound' is not one of the joined experts"):
         fusionkit.build(tiny_recipe(), ["fusion.lavish.directions=[audio->sound]"])
     with pytest.raises(ValueError, match="equal widths"):
         from fusionkit.attention import TokenLayout

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from fusionkit.adapters import Adapter
 from fusionkit.attention import Attention, TokenLayout, Window, attention_label, make_window, windowed
 from fusionkit.fusion.base import FusionOp, SiteState
+from fusionkit.fusion.directions import parse_directions
 from fusionkit.fusion.time_embed import TimeIntervalMLP
 from fusionkit.registry import FUSIONS
 
@@ -109,9 +110,10 @@ class BCA(FusionOp):
     Args:
         experts: the joined experts (names), ``dims`` / ``layouts`` at this step (given by the graph).
         directions: ``{name: {query: expert, key: expert, window: time|space|space-time|global,
-            position: ...}}``, e.g. CAST's ``t2s`` (spatial queries, temporal keys, ``time``) and ``s2t``;
-            ``position`` overrides the operator's for one direction (CA²ST: learned for S&T, time
-            for A&S and A&T). Default: both directions between every pair, ``global`` windows.
+            position: ...}}`` or ``[key->query, ...]`` (:mod:`fusionkit.fusion.directions`), e.g. CAST's
+            ``t2s`` (spatial queries, temporal keys, ``time``) and ``s2t``; ``position`` overrides the
+            operator's for one direction (CA²ST: learned for S&T, time for A&S and A&T). Default: both
+            directions between every pair, ``global`` windows.
         ratio: bottleneck width ``d`` as a fraction of the widest joined expert (CAST: 1/2), unless
             ``bottleneck_dim`` is given.
         heads: attention heads over the bottleneck (CAST: 12 over 384).
@@ -143,7 +145,7 @@ class BCA(FusionOp):
                              "width is mode bottleneck's, adapter_ratio mode full_adapter's)")
 
     def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
-                 directions: Mapping[str, Mapping[str, str] | None] | None = None,
+                 directions: Mapping[str, Mapping[str, str] | None] | Sequence[str] | None = None,
                  drop_path: float = 0.0, ratio: float = 0.5, bottleneck_dim: int | None = None, heads: int = 12,
                  position: str = "learned", time_mlp: Mapping[str, Any] | None = None, mode: str = "bottleneck",
                  adapter_ratio: float = 0.25, share: str = "direction", norm_eps: float = 1e-6) -> None:
@@ -154,30 +156,15 @@ class BCA(FusionOp):
             raise ValueError(f"bca: unknown share {share!r}; valid: {', '.join(SHARES)}")
         if position not in POSITIONS:
             raise ValueError(f"bca: unknown position {position!r}; valid: {', '.join(POSITIONS)}")
-        if directions is None:  # every ordered pair of joined experts, global windows
-            directions = {f"{k}_to_{q}": {"query": q, "key": k, "window": "global"}
-                          for q in experts for k in experts if q != k}
-        if not any(spec is not None for spec in directions.values()):
-            raise ValueError("bca: no directions given (e.g. {t2s: {query: spatial, key: temporal, window: time}})")
         self.mode = mode
         self.directions: dict[str, tuple[str, str, Window]] = {}
         self.positions: dict[str, str] = {}
-        for name, spec in directions.items():
-            if spec is None:  # removed by an override: fusion.bca.directions.s2t=null
-                continue
-            spec = dict(spec)
-            bad = sorted(set(spec) - {"query", "key", "window", "position"})
-            if bad or not {"query", "key"} <= set(spec):
-                raise ValueError(f"bca direction {name!r} takes query, key, window and position; got {sorted(spec)}")
-            for role in ("query", "key"):
-                if spec[role] not in experts:
-                    raise ValueError(f"bca direction {name!r}: {role} {spec[role]!r} is not one of the joined "
-                                     f"experts {list(experts)}")
-            self.positions[name] = spec.get("position", position)
+        for name, d in parse_directions("bca", experts, directions, options=("position",)).items():
+            self.positions[name] = d.options.get("position", position)
             if self.positions[name] not in POSITIONS:
                 raise ValueError(f"bca direction {name!r}: unknown position {self.positions[name]!r}; valid: "
                                  f"{', '.join(POSITIONS)}")
-            self.directions[name] = (spec["query"], spec["key"], make_window(spec.get("window", "global")))
+            self.directions[name] = (d.query, d.key, make_window(d.window))
         if mode == "bottleneck":
             width = bottleneck_dim or _bottleneck_width(ratio, max(dims.values()))
         else:

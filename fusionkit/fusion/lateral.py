@@ -21,15 +21,16 @@ other expert's tokens, passed through a linear projection, element-wise to its o
   directions read the tokens as they were before the operator (a simultaneous exchange).
 
 Options:
-    directions: ``{name: {source: b, target: a}}``; default: every ordered pair of the joined
-        experts (``<b>_to_<a>``). ``null`` removes one direction (a one-way lateral connection).
+    directions: ``{name: {query: a, key: b}}`` or ``[b->a, ...]`` (:mod:`fusionkit.fusion.directions`;
+        no window: tokens are matched by position); default: every ordered pair of the joined experts
+        (``<b>_to_<a>``). ``null`` removes one direction (a one-way lateral connection).
     resample: how a source grid different from the target's is matched (see above).
     drop_path: stochastic depth of the update (the graph's rate for this step).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
 from einops import rearrange
@@ -38,38 +39,10 @@ from torch import Tensor, nn
 
 from fusionkit.attention import TokenLayout
 from fusionkit.fusion.base import FusionOp, SiteState
+from fusionkit.fusion.directions import parse_directions
 from fusionkit.registry import FUSIONS
 
 RESAMPLE = ("trilinear", "nearest", "area")
-
-
-def default_directions(experts: list[str]) -> dict[str, dict[str, str]]:
-    """Every ordered pair of ``experts``: ``{"b_to_a": {"source": b, "target": a}}``."""
-    return {f"{b}_to_{a}": {"source": b, "target": a} for a in experts for b in experts if a != b}
-
-
-def parse_directions(op: str, experts: list[str],
-                     directions: Mapping[str, Mapping[str, str] | None] | None) -> dict[str, tuple[str, str]]:
-    """``{name: (source, target)}`` from a recipe's ``directions`` (``None`` entries removed)."""
-    if directions is None:
-        directions = default_directions(experts)
-    out: dict[str, tuple[str, str]] = {}
-    for name, spec in directions.items():
-        if spec is None:  # removed by an override: fusion.lateral.directions.a_to_b=null
-            continue
-        spec = dict(spec)
-        if set(spec) != {"source", "target"}:
-            raise ValueError(f"{op} direction {name!r} takes exactly 'source' and 'target'; got {sorted(spec)}")
-        for role in ("source", "target"):
-            if spec[role] not in experts:
-                raise ValueError(f"{op} direction {name!r}: {role} {spec[role]!r} is not one of the joined experts "
-                                 f"{list(experts)}")
-        if spec["source"] == spec["target"]:
-            raise ValueError(f"{op} direction {name!r}: source and target are both {spec['source']!r}")
-        out[name] = (spec["source"], spec["target"])
-    if not out:
-        raise ValueError(f"{op}: no directions given (e.g. {{t2s: {{source: temporal, target: spatial}}}})")
-    return out
 
 
 def resample_patches(patches: Tensor, source: TokenLayout, target: TokenLayout, mode: str = "trilinear") -> Tensor:
@@ -111,13 +84,14 @@ class Lateral(FusionOp):
 
     def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
                  drop_path: float = 0.0,
-                 directions: Mapping[str, Mapping[str, str] | None] | None = None,
+                 directions: Mapping[str, Mapping[str, str] | None] | Sequence[str] | None = None,
                  resample: str = "trilinear") -> None:
         super().__init__(experts=experts)
         if resample not in RESAMPLE:
             raise ValueError(f"lateral: unknown resample {resample!r}; valid: {', '.join(RESAMPLE)}")
         self.resample = resample
-        self.directions = parse_directions("lateral", list(experts), directions)
+        self.directions = {name: (d.key, d.query) for name, d in
+                           parse_directions("lateral", experts, directions, window=None).items()}
         self.proj = nn.ModuleDict()
         for name, (b, a) in self.directions.items():
             proj = nn.Linear(dims[b], dims[a])
@@ -149,4 +123,4 @@ class Lateral(FusionOp):
         return f"directions=[{dirs}], resample={self.resample}"
 
 
-__all__ = ["Lateral", "default_directions", "extras_update", "parse_directions", "resample_patches"]
+__all__ = ["Lateral", "extras_update", "resample_patches"]

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from fusionkit.attention import TokenLayout, attention, windowed
 from fusionkit.experts.layer import StepLayer
 from fusionkit.fusion.base import FusionOp, SiteState
+from fusionkit.fusion.directions import parse_directions
 from fusionkit.registry import FUSIONS
 
 LATENT_INITS = ("uniform", "zeros")
@@ -82,16 +83,6 @@ def single_head_attention(q: Tensor, kv: Tensor) -> Tensor:
     """``softmax(q · kvᵀ) · kv`` for ``q`` ``(B', S_q, C)`` and ``kv`` ``(B', S_k, C)``: one head, keys =
     values = ``kv``, no projections, no scaling (LAVISH's cross-modal attention)."""
     return attention(q[:, None], kv[:, None], kv[:, None], scale=1.0)[:, 0]
-
-
-def parse_direction(spec: str, experts: Sequence[str]) -> tuple[str, str]:
-    """``"audio->video"`` → ``("audio", "video")`` (source, target), both joined experts."""
-    src, sep, tgt = str(spec).partition("->")
-    src, tgt = src.strip(), tgt.strip()
-    if not sep or src not in experts or tgt not in experts:
-        raise ValueError(f"lavish: direction {spec!r} must read 'source->target' with joined experts "
-                         f"{list(experts)} (e.g. '{experts[-1]}->{experts[0]}')")
-    return src, tgt
 
 
 class LatentAdapter(nn.Module):
@@ -173,10 +164,10 @@ class LAVISH(FusionOp):
 
     Args:
         experts, dims, layouts, drop_path: given by the graph.
-        directions: cross-modal directions ``"source->target"``; each gives its target two adapters
-            (attention- and MLP-parallel). Default: both directions between the two joined experts.
-            A2V only: ``[audio->video]``; a stream may adapt from itself (``audio->audio``) for the
-            ablations that keep a uni-modal adapter.
+        directions: ``[source->target, ...]`` or ``{name: {query: target, key: source, window}}``
+            (:mod:`fusionkit.fusion.directions`); each gives its target two adapters (attention- and
+            MLP-parallel). Default: every ordered pair of the joined experts. A2V only: ``[audio->video]``;
+            a stream may adapt from itself (``audio->audio``) for the ablations that keep a uni-modal adapter.
         latents: ``m``, latent tokens per adapter (AVE 2, AVS/AVQA 16); 0 = AVISH.
         avish: the AVISH variant (no latents: targets attend to all source tokens).
         reduction: ``r``, bottleneck reduction (AVE 8, AVS/AVQA 4).
@@ -184,8 +175,8 @@ class LAVISH(FusionOp):
         latent_init: ``uniform`` (AVE) or ``zeros`` (AVQA).
         latent_gate: a learnable gate on the latents' compression, initialised to 1 (official
             ``gate_tk``; the LAVISH recipes); ``false`` keeps it ungated.
-        window: ``auto`` (``space`` when both experts have the same number of frames, else ``global``),
-            ``space`` (frame ``t`` with frame ``t``) or ``global`` (whole clips).
+        window: the directions' default window: ``auto`` (``space`` when both experts have the same
+            number of frames, else ``global``), ``space`` (frame ``t`` with frame ``t``) or ``global``.
         mlp: add the MLP-parallel adapters (the paper's design; ``false`` keeps only the attention ones).
         norm_eps: epsilon of the adapters' layer norms.
     """
@@ -195,36 +186,24 @@ class LAVISH(FusionOp):
 
     def __init__(self, *, experts: list[str], dims: Mapping[str, int], layouts: Mapping[str, TokenLayout],
                  drop_path: float = 0.0,
-                 directions: Sequence[str] | None = None, latents: int = 2, avish: bool = False,
+                 directions: Sequence[str] | Mapping[str, Any] | None = None, latents: int = 2, avish: bool = False,
                  reduction: int = 8, groups: int = 2, latent_init: str = "uniform", latent_gate: bool = False,
                  window: str = "auto", mlp: bool = True, norm_eps: float = 1e-5) -> None:
         super().__init__(experts=experts)
-        if directions is None:
-            if len(experts) != 2:
-                raise ValueError(f"lavish: default directions need exactly two experts, got {list(experts)}; "
-                                 "give directions: ['a->b', 'b->a', ...]")
-            a, b = experts
-            directions = [f"{b}->{a}", f"{a}->{b}"]
-        if isinstance(directions, str):
-            directions = [directions]
-        pairs = [parse_direction(d, experts) for d in directions]
-        if not pairs:
-            raise ValueError("lavish: no directions given (e.g. directions: [audio->video, video->audio])")
-        if len(set(pairs)) != len(pairs):
-            raise ValueError(f"lavish: direction listed twice in {list(directions)}")
-        for src, tgt in pairs:
-            if dims[src] != dims[tgt]:
-                raise ValueError(f"lavish: direction {src}->{tgt} joins widths {dims[src]} and {dims[tgt]}; "
+        parsed = parse_directions("lavish", experts, directions, window=window, same=True)
+        for name, d in parsed.items():
+            if d.window not in WINDOWS:
+                raise ValueError(f"lavish: unknown window {d.window!r} (direction {name!r}); valid: {', '.join(WINDOWS)}")
+            if dims[d.key] != dims[d.query]:
+                raise ValueError(f"lavish: direction {name!r} ({d}) joins widths {dims[d.key]} and {dims[d.query]}; "
                                  "the latent attention has no projections and needs equal widths")
-        if window not in WINDOWS:
-            raise ValueError(f"lavish: unknown window {window!r}; valid: {', '.join(WINDOWS)}")
-        self.pairs = pairs
-        self.windows = {(s, t): self._window(window, layouts[s], layouts[t]) for s, t in pairs}
+        self.pairs = {name: (d.key, d.query) for name, d in parsed.items()}  # name → (source, target)
+        self.windows = {name: self._window(d.window, layouts[d.key], layouts[d.query]) for name, d in parsed.items()}
         m = 0 if avish else latents
         options = dict(latents=m, reduction=reduction, groups=groups, latent_init=latent_init,
                        latent_gate=latent_gate, norm_eps=norm_eps)
-        self.attn_adapters = nn.ModuleDict({f"{s}_to_{t}": LatentAdapter(dims[t], **options) for s, t in pairs})
-        self.mlp_adapters = nn.ModuleDict({f"{s}_to_{t}": LatentAdapter(dims[t], **options) for s, t in pairs}) \
+        self.attn_adapters = nn.ModuleDict({n: LatentAdapter(dims[t], **options) for n, (_, t) in self.pairs.items()})
+        self.mlp_adapters = nn.ModuleDict({n: LatentAdapter(dims[t], **options) for n, (_, t) in self.pairs.items()}) \
             if mlp else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -240,8 +219,8 @@ class LAVISH(FusionOp):
     def _updates(self, adapters: nn.ModuleDict, x: Mapping[str, Tensor],
                  layouts: Mapping[str, TokenLayout]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        for s, t in self.pairs:
-            y = self.drop_path(adapters[f"{s}_to_{t}"](x[s], x[t], layouts[s], layouts[t], self.windows[(s, t)]))
+        for name, (s, t) in self.pairs.items():
+            y = self.drop_path(adapters[name](x[s], x[t], layouts[s], layouts[t], self.windows[name]))
             out[t] = out[t] + y if t in out else y
         return out
 
@@ -264,7 +243,7 @@ class LAVISH(FusionOp):
         return y
 
     def extra_repr(self) -> str:
-        dirs = ", ".join(f"{s}->{t} ({self.windows[(s, t)]})" for s, t in self.pairs)
+        dirs = ", ".join(f"{s}->{t} ({self.windows[n]})" for n, (s, t) in self.pairs.items())
         return f"directions=[{dirs}], mlp={self.mlp_adapters is not None}"
 
 
