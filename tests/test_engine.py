@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 import fusionkit  # noqa: F401 - registers the built-ins
-from fusionkit.data.synthetic import SyntheticDataset, collate
+from fusionkit.data.collate import collate
+from fusionkit.data.synthetic import SyntheticDataset
 from fusionkit.engine import distributed
 from fusionkit.engine.checkpoint import CheckpointManager, read_meta, read_tensors, state_path
 from fusionkit.cli import main as engine_main

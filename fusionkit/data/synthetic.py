@@ -6,11 +6,13 @@ Item ``k`` is a dict in the contract of every fusionkit dataset:
   channel that encodes the class (head 0 in channel 0, head 1 in channel 1, ...), so a tiny model
   learns it in a few steps;
 * ``audio`` ``(samples,)`` float: a sine whose frequency encodes the first head's class, plus noise;
-* ``labels`` ``{head: int64 scalar}``; ``clip_id`` (views of one clip share it); ``path``.
+* ``labels`` ``{head: int64 scalar}``; ``clip_id`` (views of one clip share it); ``path``; ``modalities``
+  (the stream keys, which the batch declares).
 
 Everything is a pure function of ``(seed, k)``: two datasets with the same options are equal and
 item ``k`` does not depend on the order of reads. ``corrupt`` lists items that behave like an
-undecodable file (the item is ``{"path", "clip_id", "error"}`` and :func:`collate` drops it);
+undecodable file (the item is a :class:`~fusionkit.data.collate.Skipped`, which
+:func:`~fusionkit.data.collate.collate` drops and lists, as for a real file);
 ``nan`` lists items whose video is NaN (to exercise the non-finite loss guard).
 """
 
@@ -24,33 +26,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fusionkit.data.collate import Skipped
 from fusionkit.registry import DATASETS
-
-
-def collate(items: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
-    """Stack decodable items into a batch; undecodable ones (``None`` or with ``error``) go to ``skipped``.
-
-    Returns ``{"video": (B, 3, T, H, W), "audio": (B, samples), "labels": {head: (B,) int64},
-    "clip_id": [B], "path": [B], "skipped": [(path, reason)], "modalities": ["video", "audio"]}``
-    (modalities absent from the items are left out of both; ``B`` may be 0).
-    """
-    good, skipped = [], []
-    for item in items:
-        if item is None:
-            skipped.append(("?", "item is None"))
-        elif item.get("error"):
-            skipped.append((str(item.get("path", "?")), str(item["error"])))
-        else:
-            good.append(item)
-    batch: dict[str, Any] = {"skipped": skipped, "clip_id": [i.get("clip_id") for i in good],
-                             "path": [i.get("path") for i in good], "labels": {}}
-    for key in ("video", "audio"):
-        if good and key in good[0]:
-            batch[key] = torch.stack([i[key] for i in good])
-    batch["modalities"] = [key for key in ("video", "audio") if key in batch]  # the batch declares its streams
-    heads = list(good[0]["labels"]) if good else []
-    batch["labels"] = {h: torch.stack([torch.as_tensor(i["labels"][h]) for i in good]) for h in heads}
-    return batch
 
 
 @DATASETS.register("synthetic")
@@ -85,8 +62,6 @@ class SyntheticDataset(Dataset):
         self.seed, self.views, self.noise = int(seed), int(views), float(noise)
         self.corrupt, self.nan = {int(i) % self.size for i in corrupt}, {int(i) % self.size for i in nan}
 
-    collate = staticmethod(collate)
-
     @property
     def modalities(self) -> list[str]:
         """The streams of its items: ``video``, and ``audio`` unless ``samples`` is 0."""
@@ -103,13 +78,13 @@ class SyntheticDataset(Dataset):
         g = self._generator(-1 - k // self.views)
         return {h: int(torch.randint(c, (), generator=g)) for h, c in self.classes.items()}
 
-    def __getitem__(self, k: int) -> dict[str, Any]:
+    def __getitem__(self, k: int) -> dict[str, Any] | Skipped:
         if not 0 <= k < self.size:
             raise IndexError(f"synthetic: index {k} out of range for {self.size} items")
         clip = k // self.views
         path = f"synthetic://{self.seed}/{clip}/{k % self.views}"
         if k in self.corrupt:
-            return {"path": path, "clip_id": f"clip{clip}", "error": "synthetic corrupt item (cannot decode)"}
+            return Skipped(path, "synthetic corrupt item (cannot decode)", f"clip{clip}")
         labels = self.labels(k)
         g = self._generator(k)
         video = self.noise * torch.randn(3, self.frames, self.image_size, self.image_size, generator=g)
@@ -124,6 +99,7 @@ class SyntheticDataset(Dataset):
             t = torch.arange(self.samples, dtype=torch.float32) / 16000.0
             item["audio"] = torch.sin(2 * math.pi * 200.0 * (1 + first) * t) + self.noise * torch.randn(
                 self.samples, generator=g)
+        item["modalities"] = tuple(self.modalities)
         return item
 
     def example(self, k: int = 0) -> dict[str, Tensor]:

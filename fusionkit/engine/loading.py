@@ -4,12 +4,11 @@ Datasets come from ``fusionkit.registry.DATASETS`` (``manifest`` from :mod:`fusi
 ``synthetic`` for tests). Items are dicts (``video`` ``(3, T, H, W)``, ``audio`` ``(samples,)``,
 ``labels`` ``{head: int64}``, ``clip_id``, ``path``); a collate stacks them and lists the items it
 could not decode in ``skipped``. The collate is the dataset's own ``collate`` attribute if it has
-one, else ``fusionkit.data.collate`` (the data package), else :func:`fusionkit.data.synthetic.collate`.
+one, else :func:`fusionkit.data.collate.collate` (one for every built-in dataset).
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,21 +16,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from fusionkit.data.collate import collate
+from fusionkit.data.loader import build_loader
 from fusionkit.engine.config import check_dataset_spec
 from fusionkit.recipes import RecipeError
 from fusionkit.registry import closest
-
-
-def _data_helper(name: str) -> Callable[..., Any] | None:
-    """``fusionkit.data.<name>`` (a function, or the function of that name in a module of that name)."""
-    try:
-        data = importlib.import_module("fusionkit.data")
-    except ImportError:
-        return None
-    obj = getattr(data, name, None)
-    if obj is not None and not callable(obj):
-        obj = getattr(obj, name, None)
-    return obj if callable(obj) else None
 
 
 def build_dataset(spec: Mapping[str, Any], path: str = "data") -> Dataset:
@@ -85,37 +74,18 @@ def check_labels(dataset: Dataset, heads: Mapping[str, Any], where: str = "data.
 
 
 def collate_for(dataset: Dataset) -> Callable[[list[Any]], dict[str, Any]]:
+    """The dataset's own ``collate`` if it has one, else :func:`fusionkit.data.collate.collate`."""
     own = getattr(dataset, "collate", None)
-    if callable(own):
-        return own
-    helper = _data_helper("collate")
-    if helper is not None:
-        return helper
-    from fusionkit.data.synthetic import collate
-
-    return collate
+    return own if callable(own) else collate
 
 
 def make_loader(dataset: Dataset, batch_size: int, sampler: Any, num_workers: int = 0, seed: int = 0,
                 drop_last: bool = False) -> DataLoader:
-    """A loader over ``sampler``'s indices (order and sharding are the sampler's, for exact resume).
-
-    Uses the data package's ``build_loader`` when it exists and the dataset has no collate of its
-    own; otherwise a plain ``DataLoader`` with a seeded generator (and the data package's
-    ``seed_worker`` if present).
-    """
-    build = _data_helper("build_loader")
-    if build is not None and not callable(getattr(dataset, "collate", None)):
-        try:
-            return build(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, seed=seed,
-                         sampler=sampler, drop_last=drop_last)
-        except TypeError:
-            pass  # another signature: fall back to a plain loader
-    generator = torch.Generator().manual_seed(int(seed))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_for(dataset), drop_last=drop_last, generator=generator,
-                      worker_init_fn=_data_helper("seed_worker"), persistent_workers=False,
-                      pin_memory=torch.cuda.is_available())
+    """A loader over ``sampler``'s indices (order and sharding are the sampler's, for exact resume), with
+    :func:`collate_for` the dataset, seeded workers and generator (:func:`fusionkit.data.loader.build_loader`)."""
+    return build_loader(dataset, batch_size=batch_size, num_workers=num_workers, seed=seed, sampler=sampler,
+                        drop_last=drop_last, collate_fn=collate_for(dataset), persistent_workers=False,
+                        pin_memory=torch.cuda.is_available())
 
 
 def batch_targets(batch: Mapping[str, Any]) -> dict[str, Tensor]:
