@@ -58,7 +58,7 @@ def run_demo(frames: int = 16, size: int = 64) -> int:
     dim, heads = 96, 4
     experts: dict[str, Expert] = {
         "spatial": EXPERTS.build("timm_vit", name="vit_tiny_patch16_224", img_size=size, depth=2, embed_dim=dim,
-                                 num_heads=heads, frames={"stride": 2, "offset": 1}),
+                                 num_heads=heads, frame_select={"stride": 2, "offset": 1}),
         "temporal": EXPERTS.build("videomae_vit", embed_dim=dim, depth=2, num_heads=heads, img_size=size,
                                   num_frames=frames),
         "audio": EXPERTS.build("ast", embed_dim=dim, depth=2, num_heads=heads, num_mel_bins=128, max_length=100),

@@ -5,13 +5,13 @@ A recipe reads like the paper's figure::
     inputs:                      # one sample's shape per modality (sizes the operators)
       video: [3, 16, 224, 224]
     experts:
-      spatial:  {type: clip_vit, name: ViT-B-16, frames: {stride: 2, offset: 1}, adapters: {ratio: 0.25}}
+      spatial:  {type: clip_vit, name: ViT-B-16, frame_select: {stride: 2, offset: 1}, adapters: {ratio: 0.25}}
       temporal: {type: videomae_vit, size: B, num_frames: 16, adapters: {ratio: 0.25}}
     fusion:
       bca:
         type: bca
         experts: [spatial, temporal]
-        layers: null             # every step; or a list of steps, or "9:12"
+        steps: null              # every graph step; or a list of steps, or "9:12"
         directions:
           t2s: {query: spatial, key: temporal, window: time}
           s2t: {query: temporal, key: spatial, window: space}
@@ -37,7 +37,7 @@ typo fails with one message naming the key and the closest valid keys.
 
 Graph-level keys inside a section (not passed to the registered class): experts take ``type``,
 ``adapters``, ``align`` and ``weights`` (a file holding the built expert's own ``state_dict``, loaded
-strictly before adapters are attached: how a pre-trained expert of an earlier run is reused); operators ``type``, ``experts``, ``site`` and ``layers``; heads ``type`` and
+strictly before adapters are attached: how a pre-trained expert of an earlier run is reused); operators ``type``, ``experts``, ``site`` and ``steps``; heads ``type`` and
 ``target`` (the label the head trains on, by default its own name: two heads of a test-time
 ensemble both train on ``verb``).
 """
@@ -49,6 +49,7 @@ import inspect
 import functools
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ from fusionkit.adapters import attach_adapters
 from fusionkit.errors import FusionkitError
 from fusionkit.experts.pretrained import load_into, read_state_dict
 from fusionkit.graph import FusionModel, OperatorSpec, linear_rates
-from fusionkit.registry import EXPERTS, FUSIONS, HEADS, Registry, closest, load_plugins
+from fusionkit.registry import EXPERTS, FRONTENDS, FUSIONS, HEADS, Registry, closest, load_plugins
 from fusionkit.trainable import TrainablePolicy
 
 RECIPES_PACKAGE = "fusionkit._recipes"  # the recipe YAML files installed with fusionkit (pyproject.toml)
@@ -70,7 +71,7 @@ SECTIONS = ("name", "description", "inputs", "experts", "fusion", "heads", "trai
             "data", "train", "eval")  # data / train / eval configure the engine (fusionkit.engine)
 RANGE = re.compile(r"^-?\d*:-?\d*$")  # "9:12": YAML 1.1 would read an unquoted 9:12 as the base-60 int 552
 EXPERT_KEYS = ("type", "adapters", "align", "weights")
-OPERATOR_KEYS = ("type", "experts", "site", "layers")
+OPERATOR_KEYS = ("type", "experts", "site", "steps")
 HEAD_KEYS = ("type", "target")  # target: the label a head trains on (default: its name)
 GRAPH_GIVEN = ("experts", "dims", "layouts", "drop_path")  # filled in by the graph
 ADAPTER_KEYS = ("attn", "mlp", "ratio", "mlp_scale", "layers")
@@ -207,12 +208,57 @@ def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(cfg, DictConfig):
         raise RecipeError(f"recipe {path} is not a mapping")
     bases = cfg.pop("_base_", None)
-    if bases is None:
-        return cfg
     merged = OmegaConf.create()
-    for base in [bases] if isinstance(bases, str) else list(bases):
+    for base in [] if bases is None else [bases] if isinstance(bases, str) else list(bases):
         merged = OmegaConf.merge(merged, _load_file(_base_path(path, str(base)), (*seen, path)))
-    return OmegaConf.merge(merged, cfg)
+    migrate_renamed(cfg, str(path), merged)
+    return OmegaConf.merge(merged, cfg) if bases is not None else cfg
+
+
+# keys renamed so that one name has one meaning: (section pattern, old, new). The old names still load
+# (stored run recipes, users' files and overrides) with a FutureWarning; every shipped recipe uses the new ones.
+RENAMED = (("fusion.*", "layers", "steps"),                   # graph steps (an adapter's `layers` are expert layers)
+           ("experts.*", "frames", "frame_select"),            # which frames an expert sees (data: clip length)
+           ("experts.*.frontend", "frames", "target_length"))  # fbank frames per spectrogram image, as `fbank`
+_RENAMED_IN = {"fusion": FUSIONS, "experts": EXPERTS, "frontend": FRONTENDS}
+
+
+def _matches(cfg: Any, pattern: Sequence[str], path: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], Any]]:
+    """``(path, node)`` of every mapping in ``cfg`` at the dotted ``pattern`` (``*``: any key)."""
+    if not pattern:
+        yield path, cfg
+        return
+    if not isinstance(cfg, (Mapping, DictConfig)):
+        return
+    for key in (list(cfg) if pattern[0] == "*" else [pattern[0]] if pattern[0] in cfg else []):
+        yield from _matches(cfg[key], pattern[1:], (*path, str(key)))
+
+
+def _keeps_old_name(path: tuple[str, ...], node: Any, context: Any, old: str, new: str) -> bool:
+    """Whether the registered class at ``path`` takes ``old`` itself (a plugin's own ``frames``)."""
+    kind = node.get("type") if "type" in node else OmegaConf.select(OmegaConf.create(context or {}),
+                                                                     ".".join(path + ("type",)))
+    registry = _RENAMED_IN[path[-1] if path[-1] == "frontend" else path[0]]
+    if not isinstance(kind, str) or kind not in registry.names():
+        return False
+    names, _ = accepted_keys(registry.get(kind))
+    return old in names and new not in names
+
+
+def migrate_renamed(cfg: Any, where: str, context: Any = None) -> None:
+    """Rename the old keys of :data:`RENAMED` in ``cfg`` (one recipe file, mapping or override set) in place;
+    ``context`` (the recipe it extends) gives the ``type`` of a section the file does not restate."""
+    for pattern, old, new in RENAMED:
+        for path, node in list(_matches(cfg, pattern.split("."))):
+            if not isinstance(node, (Mapping, DictConfig)) or old not in node \
+                    or _keeps_old_name(path, node, context, old, new):
+                continue
+            at = ".".join(path)
+            if new in node:
+                raise RecipeError(f"recipe {where}: {at}.{old} is the old name of {at}.{new}; give only {new}")
+            node[new] = node.pop(old)
+            warnings.warn(f"recipe key {at}.{old} is now {at}.{new} ({where}); the old name still works",
+                          FutureWarning, stacklevel=2)
 
 
 def _base_path(path: Path, base: str) -> Path:
@@ -239,6 +285,7 @@ def load_recipe(recipe: str | os.PathLike[str] | Mapping[str, Any] | DictConfig,
         cfg = _load_file(recipe_path(recipe))
     else:
         cfg = OmegaConf.create(recipe if isinstance(recipe, DictConfig) else dict(recipe))
+        migrate_renamed(cfg, "mapping")
     overrides = list(overrides)
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -248,7 +295,9 @@ def load_recipe(recipe: str | os.PathLike[str] | Mapping[str, Any] | DictConfig,
         for item in overrides:
             key, _, value = item.partition("=")
             quoted.append(f"{key}='{value}'" if RANGE.match(value.strip()) else item)
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(quoted))
+        given = OmegaConf.from_dotlist(quoted)
+        migrate_renamed(given, "override", cfg)
+        cfg = OmegaConf.merge(cfg, given)
     data = OmegaConf.to_container(cfg, resolve=True)
     check_keys("", data, SECTIONS, "recipe")
     return data
@@ -346,24 +395,24 @@ def check_config(cfg: Mapping[str, Any]) -> None:
     check_keys("trainable", dict(cfg.get("trainable") or {}), TRAINABLE_KEYS, "trainable")
 
 
-def _steps(path: str, layers: Any, num_steps: int) -> list[int]:
-    if layers is None:
+def _steps(path: str, selection: Any, num_steps: int) -> list[int]:
+    if selection is None:
         return list(range(num_steps))
-    if isinstance(layers, str) and RANGE.match(layers):
-        start, _, stop = layers.partition(":")
+    if isinstance(selection, str) and RANGE.match(selection):
+        start, _, stop = selection.partition(":")
         steps = list(range(num_steps))[slice(int(start) if start else None, int(stop) if stop else None)]
         if not steps:
-            raise RecipeError(f"{path}.layers: range {layers!r} selects no step of the graph's {num_steps} steps "
+            raise RecipeError(f"{path}.steps: range {selection!r} selects no step of the graph's {num_steps} steps "
                               f"(0-{num_steps - 1})")
         return steps
-    if isinstance(layers, int):
-        layers = [layers]
-    if not isinstance(layers, Sequence) or not all(isinstance(i, int) for i in layers):
-        raise RecipeError(f"{path}.layers must be null, a list of steps or 'start:stop', got {layers!r}")
-    bad = [i for i in layers if not -num_steps <= i < num_steps]
+    if isinstance(selection, int):
+        selection = [selection]
+    if not isinstance(selection, Sequence) or not all(isinstance(i, int) for i in selection):
+        raise RecipeError(f"{path}.steps must be null, a list of steps or 'start:stop', got {selection!r}")
+    bad = [i for i in selection if not -num_steps <= i < num_steps]
     if bad:
-        raise RecipeError(f"{path}.layers: steps {bad} outside the graph's {num_steps} steps")
-    return sorted({i % num_steps for i in layers})
+        raise RecipeError(f"{path}.steps: steps {bad} outside the graph's {num_steps} steps")
+    return sorted({i % num_steps for i in selection})
 
 
 UNEXPECTED_KWARG = re.compile(r"unexpected keyword argument '(\w+)'")
@@ -460,7 +509,7 @@ def build_from_config(cfg: Mapping[str, Any]) -> FusionModel:
         cls = _section_class(path, spec, FUSIONS)
         options = _check_options(path, spec, cls, OPERATOR_KEYS, GRAPH_GIVEN)
         joined = list(spec.get("experts") or experts)
-        operators.append(OperatorSpec(name, cls, joined, _steps(path, spec.get("layers"), num_steps),
+        operators.append(OperatorSpec(name, cls, joined, _steps(path, spec.get("steps"), num_steps),
                                       spec.get("site"), options))
     heads = {}
     for name, spec in (cfg.get("heads") or {}).items():

@@ -38,7 +38,7 @@ def tiny_recipe(frames: int = 3, chunks: int = 3, **op) -> dict:
             "video": {"type": "clip_vit", "name": "ViT-B-16", "quick_gelu": True, "vision_cfg": VISION,
                       "text_cfg": TEXT, "embed_dim": 24},
             "audio": {"type": "shared", "expert": "video", "modality": "audio",
-                      "frontend": {"type": "spectrogram_image", "chunks": chunks, "num_mel_bins": 32, "frames": 16,
+                      "frontend": {"type": "spectrogram_image", "chunks": chunks, "num_mel_bins": 32, "target_length": 16,
                                    "size": [32, 32]}},
         },
         "fusion": {"avstfp": {"type": "avstfp", "experts": ["audio", "video"], **op}},
@@ -390,7 +390,7 @@ def test_shared_tower_is_one_set_of_weights():
 def test_builds_in_a_generic_two_expert_graph():
     """Default options and only ``experts: [a, b]``: two different 64-wide per-frame ViTs."""
     vit = {"type": "timm_vit", "name": "vit_tiny_patch16_224", "img_size": 32, "depth": 2, "embed_dim": 64,
-           "num_heads": 4, "frames": {"stride": 2, "offset": 1}}
+           "num_heads": 4, "frame_select": {"stride": 2, "offset": 1}}
     recipe = {"inputs": {"video": [3, 8, 32, 32]}, "experts": {"a": vit, "b": dict(vit)},
               "fusion": {"avstfp": {"type": "avstfp", "experts": ["a", "b"]}},
               "heads": {"label": {"type": "concat", "experts": ["a", "b"], "classes": 3}}}

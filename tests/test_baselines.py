@@ -174,11 +174,11 @@ def late_graph(overrides: list[str]):
     recipes place it (``post_mlp``, ``layers: [-1]``), with ``overrides``; projections random."""
     vit = {"img_size": 32, "depth": 3, "embed_dim": 32, "num_heads": 2}
     recipe = {"inputs": {"video": [3, 4, 32, 32]},
-              "experts": {"spatial": {"type": "timm_vit", "name": "vit_tiny_patch16_224", "frames": {"stride": 2,
+              "experts": {"spatial": {"type": "timm_vit", "name": "vit_tiny_patch16_224", "frame_select": {"stride": 2,
                                                                                                    "offset": 1}, **vit},
                           "temporal": {"type": "videomae_vit", "num_frames": 4, **vit}},
               "fusion": {"late": {"type": "late", "experts": ["spatial", "temporal"], "site": "post_mlp",
-                                  "layers": [-1], "mode": "add"}},
+                                  "steps": [-1], "mode": "add"}},
               "heads": {"verb": {"type": "linear", "expert": "temporal", "classes": 3}}}
     torch.manual_seed(0)
     model = fusionkit.build(recipe, overrides).eval()
@@ -186,10 +186,10 @@ def late_graph(overrides: list[str]):
     return model
 
 
-@pytest.mark.parametrize("overrides, step", [([], 2), (["fusion.late.layers=[-2]"], 1)])
+@pytest.mark.parametrize("overrides, step", [([], 2), (["fusion.late.steps=[-2]"], 1)])
 def test_late_fusion_after_the_last_or_inside_the_penultimate_layer(overrides, step) -> None:
     """The recipes exchange after the last layer (``layers: [-1]``); the paper's literal "penultimate
-    layer" is one override away (``fusion.late.layers=[-2]``): the exchange follows layer L-1's MLP and
+    layer" is one override away (``fusion.late.steps=[-2]``): the exchange follows layer L-1's MLP and
     layer L then runs on the fused tokens. Reference: the experts layer by layer, the exchange by hand."""
     model = late_graph(overrides)
     assert [r["steps"] for r in model.graph_summary()] == [[step]]

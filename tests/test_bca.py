@@ -34,7 +34,7 @@ MEL, AUDIO_FRAMES = 32, 106  # AST grid: (32-16)//10+1 = 2 rows, (106-16)//10+1 
 
 def spatial_expert(**extra) -> dict:
     return {"type": "timm_vit", "name": "vit_tiny_patch16_224", "img_size": 48, "depth": 3, "embed_dim": 64,
-            "num_heads": 4, "frames": {"stride": 2, "offset": 1}, **extra}
+            "num_heads": 4, "frame_select": {"stride": 2, "offset": 1}, **extra}
 
 
 def temporal_expert(**extra) -> dict:
@@ -443,8 +443,8 @@ VARIANTS = {
     "ratio-1": ["fusion.bca.ratio=1.0"],
     "t2s-space": ["fusion.bca.directions.t2s.window=space"],
     "s2t-space-time": ["fusion.bca.directions.s2t.window=space-time"],
-    "layers-list": ["fusion.bca.layers=[1,2]"],
-    "layers-range": ["fusion.bca.layers='1:3'"],
+    "layers-list": ["fusion.bca.steps=[1,2]"],
+    "layers-range": ["fusion.bca.steps='1:3'"],
     "full": ["fusion.bca.mode=full"],
     "full-adapter": ["fusion.bca.mode=full_adapter"],
     "position-none": ["fusion.bca.position=none"],
@@ -582,7 +582,7 @@ def test_single_direction_one_line_override():
 
 
 def test_layer_range_override_unquoted():
-    model = fusionkit.build(cast_recipe(), overrides=["fusion.bca.layers=1:3"])
+    model = fusionkit.build(cast_recipe(), overrides=["fusion.bca.steps=1:3"])
     assert sorted(int(s) for s in model.fusions["bca"]) == [1, 2]
 
 

@@ -88,7 +88,7 @@ def overrides(cfg: dict) -> list[str]:
         steps += list(range(layer, layer + depth))
         layer += depth + 1  # the patch merging that starts the next stage
     return [f"experts.video.embed_dim={cfg['width']}", f"experts.video.depths={cfg['depths']}",
-            f"experts.video.num_heads={cfg['heads']}", f"fusion.lavish.layers={steps}"]
+            f"experts.video.num_heads={cfg['heads']}", f"fusion.lavish.steps={steps}"]
 
 
 @pytest.fixture(scope="module", params=[SMALL, LARGE], ids=["small", "swinv2_l"])

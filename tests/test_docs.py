@@ -175,7 +175,7 @@ def test_contributing_operator_plugs_into_a_recipe(registries):
     (block,) = [b for b in CHECKED if b.path.name == "CONTRIBUTING.md" and "FUSIONS.register" in b.code]
     run_python(block)
     model = fusionkit.build("tiny", ["fusion.bca=null",
-                                     "fusion.mine={type: my_op, experts: [spatial, temporal], layers: '0:2'}"])
+                                     "fusion.mine={type: my_op, experts: [spatial, temporal], steps: '0:2'}"])
     assert {type(op).__name__ for op in model.fusions["mine"].modules() if isinstance(op, FUSIONS.get("my_op"))}
     torch.manual_seed(0)
     batch = {m: torch.randn(2, *s) for m, s in model.input_shapes.items()}

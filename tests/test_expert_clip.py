@@ -79,8 +79,8 @@ def test_quick_gelu_matters(tmp_path):
 
 
 def test_video_tokens_match_open_clip_per_frame(tmp_path):
-    visual, expert = reference_and_expert(tmp_path, frames={"stride": 2, "offset": 1, "num": 2})
-    assert expert.frames == FrameSelect(stride=2, offset=1, num=2)
+    visual, expert = reference_and_expert(tmp_path, frame_select={"stride": 2, "offset": 1, "num": 2})
+    assert expert.frame_select == FrameSelect(stride=2, offset=1, num=2)
     video = torch.randn(2, 3, 6, 32, 32)
     with torch.no_grad():
         tokens = expert(video)

@@ -32,7 +32,7 @@ def tiny_vit(**kw) -> TimmViT:
 
 @pytest.mark.parametrize("global_pool", ["token", "avg"])
 def test_timm_vit_matches_timm_per_frame(global_pool):
-    expert = tiny_vit(frames=FrameSelect(stride=2, offset=1), global_pool=global_pool)
+    expert = tiny_vit(frame_select=FrameSelect(stride=2, offset=1), global_pool=global_pool)
     ref = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=0, global_pool=global_pool).eval()
     ref.load_state_dict(timm_layout(expert))
     video = torch.randn(2, 3, 6, 32, 32)
@@ -78,7 +78,7 @@ def test_timm_vit_pretrained_local_file(tmp_path):
 
 
 def test_timm_cnn_stages_match_timm_features():
-    expert = TimmCNN("resnet18", frames=FrameSelect(stride=2)).eval()
+    expert = TimmCNN("resnet18", frame_select=FrameSelect(stride=2)).eval()
     randomize(expert)
     ref = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3, 4)).eval()
     rename = {"stem.0": "conv1", "stem.1": "bn1", **{f"layers.{i}.body": f"layer{i + 1}" for i in range(4)}}

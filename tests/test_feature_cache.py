@@ -26,7 +26,7 @@ def test_cacheable_steps(recipe, expected):
 
 
 def test_operators_starting_late_leave_a_cacheable_prefix():
-    model = fusionkit.build("binding/bca", ["fusion.bca.layers=2:4"])
+    model = fusionkit.build("binding/bca", ["fusion.bca.steps=2:4"])
     assert model.cacheable_steps() == {"spatial": 2, "temporal": 2}
 
 

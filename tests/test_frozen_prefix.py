@@ -10,7 +10,7 @@ FROZEN = ["experts.spatial.adapters=null", "experts.temporal.adapters=null", "tr
 
 def graph_flags(layers: str) -> dict[tuple[str, int, str], bool]:
     """``{(expert, layer, child): output requires grad}`` of one training-mode forward of tiny."""
-    model = fusionkit.build("tiny", [f"fusion.bca.layers={layers}", *FROZEN]).train()
+    model = fusionkit.build("tiny", [f"fusion.bca.steps={layers}", *FROZEN]).train()
     seen = {}
     for e, expert in model.experts.items():
         for i, layer in enumerate(expert.layers):

@@ -24,7 +24,7 @@ BATCH = 2
 
 def spatial_expert(**extra) -> dict:
     return {"type": "timm_vit", "name": "vit_tiny_patch16_224", "img_size": 32, "depth": 3, "embed_dim": 64,
-            "num_heads": 4, "frames": {"stride": 2, "offset": 1}, **extra}
+            "num_heads": 4, "frame_select": {"stride": 2, "offset": 1}, **extra}
 
 
 def temporal_expert(**extra) -> dict:
@@ -96,9 +96,9 @@ def aligned_recipe() -> dict:
     r = cast_recipe()
     r["experts"]["spatial"]["align"] = [1, 3, 5]
     r["experts"]["temporal"]["depth"] = 6
-    r["fusion"]["bca"]["layers"] = [1, 3, 5]
+    r["fusion"]["bca"]["steps"] = [1, 3, 5]
     r["fusion"]["late"] = {"type": "bca", "experts": ["spatial", "temporal"], "heads": 4, "site": "post_mlp",
-                           "layers": [3], "position": "none",
+                           "steps": [3], "position": "none",
                            "directions": {"s2t": {"query": "temporal", "key": "spatial", "window": "space"}}}
     return r
 
@@ -136,11 +136,11 @@ def test_cnn_stages_aligned_to_steps():
     projects that stage's width (64, 128, 256, 512) into one 32-wide bottleneck."""
     recipe = {
         "inputs": {"video": [3, 8, 32, 32]},
-        "experts": {"cnn": {"type": "timm_cnn", "name": "resnet18", "frames": {"stride": 2, "offset": 1},
+        "experts": {"cnn": {"type": "timm_cnn", "name": "resnet18", "frame_select": {"stride": 2, "offset": 1},
                             "align": [1, 2, 4, 5]},
                     "temporal": temporal_expert(depth=6)},
         "fusion": {"bca": {"type": "bca", "experts": ["cnn", "temporal"], "heads": 4, "site": "post_mlp",
-                           "layers": [1, 2, 4, 5], "bottleneck_dim": 32, "position": "none", "directions": {
+                           "steps": [1, 2, 4, 5], "bottleneck_dim": 32, "position": "none", "directions": {
                                "t2c": {"query": "cnn", "key": "temporal", "window": "space"},
                                "c2t": {"query": "temporal", "key": "cnn", "window": "space"}}}},
     }
@@ -190,7 +190,7 @@ def test_align_of_wrong_length_with_adapters_names_align():
 
 
 def test_post_mlp_site_runs_after_the_mlp():
-    model = fusionkit.build(cast_recipe(), overrides=["fusion.bca.site=post_mlp", "fusion.bca.layers=[0]"])
+    model = fusionkit.build(cast_recipe(), overrides=["fusion.bca.site=post_mlp", "fusion.bca.steps=[0]"])
     rec = Recorder()
     rec.watch_model(model)
     model.forward_tokens({"video": video()})
@@ -213,23 +213,23 @@ def steps_of(model) -> list[int]:
 
 def test_layer_selection_forms():
     assert steps_of(fusionkit.build(cast_recipe())) == [0, 1, 2]
-    assert steps_of(fusionkit.build(cast_recipe(), ["fusion.bca.layers=[2,0]"])) == [0, 2]
-    assert steps_of(fusionkit.build(cast_recipe(), ["fusion.bca.layers=[-1]"])) == [2]
-    assert steps_of(fusionkit.build(cast_recipe(), ["fusion.bca.layers='1:'"])) == [1, 2]
+    assert steps_of(fusionkit.build(cast_recipe(), ["fusion.bca.steps=[2,0]"])) == [0, 2]
+    assert steps_of(fusionkit.build(cast_recipe(), ["fusion.bca.steps=[-1]"])) == [2]
+    assert steps_of(fusionkit.build(cast_recipe(), ["fusion.bca.steps='1:'"])) == [1, 2]
     r = cast_recipe()
-    r["fusion"]["bca"]["layers"] = "0:2"
+    r["fusion"]["bca"]["steps"] = "0:2"
     assert steps_of(fusionkit.build(r)) == [0, 1]
 
 
 @pytest.mark.parametrize("layers", ["[7]", "[0,3]", "[-4]"])
 def test_layers_outside_the_steps_fail(layers):
-    with pytest.raises(RecipeError, match=r"fusion\.bca\.layers.*outside the graph's 3 steps"):
-        fusionkit.build(cast_recipe(), [f"fusion.bca.layers={layers}"])
+    with pytest.raises(RecipeError, match=r"fusion\.bca\.steps.*outside the graph's 3 steps"):
+        fusionkit.build(cast_recipe(), [f"fusion.bca.steps={layers}"])
 
 
 def test_layer_range_outside_the_steps_fails():
     r = cast_recipe()
-    r["fusion"]["bca"]["layers"] = "9:12"
+    r["fusion"]["bca"]["steps"] = "9:12"
     try:
         model = fusionkit.build(r)
     except RecipeError as err:

@@ -250,7 +250,7 @@ def test_swin_adapters_are_sized_per_stage() -> None:
     assert model.fusions["lavish"]["3"].mlp_adapters["video_to_audio"].down.weight.shape == (8, 16, 1)  # 32 / r=4, groups 2
     randomise(model.fusions)
     forward_backward(model)
-    bad = fusionkit.build(recipe, ["fusion.lavish.layers=null"])
+    bad = fusionkit.build(recipe, ["fusion.lavish.steps=null"])
     with pytest.raises(ValueError, match="patch merging"):
         bad(batch())
 

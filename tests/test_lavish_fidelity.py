@@ -20,7 +20,7 @@ from fusionkit.frontends.spectrogram_image import SpectrogramImage
 from fusionkit.recipes import load_recipe
 
 LAVISH = ["lavish_vitb16", "lavish_swinv2_l"]
-FBANK = dict(num_mel_bins=128, frame_shift=10.0, frames=102, mean=-4.1426, std=3.2001)
+FBANK = dict(num_mel_bins=128, frame_shift=10.0, target_length=102, mean=-4.1426, std=3.2001)
 
 
 def waveform(batch: int = 2, seconds: float = 1.0) -> torch.Tensor:

@@ -48,7 +48,7 @@ BASE: dict[str, Any] = {
     "inputs": {"video": [3, 4, 32, 32]},
     "experts": {
         "spatial": {"type": "timm_vit", "name": "vit_tiny_patch16_224", "img_size": 32, "depth": 2,
-                    "embed_dim": 64, "num_heads": 4, "frames": {"stride": 2, "offset": 1},
+                    "embed_dim": 64, "num_heads": 4, "frame_select": {"stride": 2, "offset": 1},
                     "adapters": {"ratio": 0.25}},
         "temporal": {"type": "videomae_vit", "embed_dim": 64, "depth": 2, "num_heads": 4, "img_size": 32,
                      "num_frames": 4, "adapters": {"ratio": 0.25}},

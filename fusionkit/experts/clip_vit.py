@@ -26,7 +26,7 @@ from fusionkit.attention import Attention, TokenLayout
 from fusionkit.experts.base import Expert, FrameSelect, Tokens
 from fusionkit.experts.block import Block
 from fusionkit.experts.pretrained import PretrainedError, is_local_file, load_into, read_state_dict, require_online
-from fusionkit.experts.timm_vit import frame_select
+from fusionkit.experts.timm_vit import frame_select_of
 from fusionkit.registry import EXPERTS
 
 _log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class ClipViT(Expert):
             ``save_pretrained`` folder holding an open_clip state dict (one file or shards with their
             index, read by :func:`~fusionkit.experts.pretrained.read_hf_folder`), or an open_clip hub
             tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...; online machines only).
-        frames: frame selection (:class:`FrameSelect` or ``{stride, offset, num}``).
+        frame_select: which frames of the clip it sees (:class:`FrameSelect` or ``{stride, offset, num}``).
         project: keep the image projection ``proj``; :meth:`pool` then returns
             ``ln_post(feature) @ proj`` (``output_dim`` wide). ``False`` (default) removes it.
         quick_gelu: QuickGELU (``True``) or GELU (``False``) in the MLPs; ``None`` follows the model
@@ -222,7 +222,7 @@ class ClipViT(Expert):
     """
 
     def __init__(self, name: str = "ViT-B-16", pretrained: str | None = None,
-                 frames: FrameSelect | dict[str, Any] | None = None, project: bool = False,
+                 frame_select: FrameSelect | dict[str, Any] | None = None, project: bool = False,
                  quick_gelu: bool | None = None, img_size: int | tuple[int, int] | None = None,
                  pool: str | None = None, drop_path: float = 0.0, frozen: bool = True, modality: str = "video",
                  **kwargs: Any) -> None:
@@ -231,7 +231,7 @@ class ClipViT(Expert):
         avg = visual.pool_type == "avg"
         super().__init__(modality, pool or ("avg" if avg else "cls"))
         self.name = name
-        self.frames = frame_select(frames)
+        self.frame_select = frame_select_of(frame_select)
         self.patch_size = tuple(visual.patch_size)
         self.image_size = tuple(visual.image_size)
         self.grid_size = tuple(visual.grid_size)
@@ -310,7 +310,7 @@ class ClipViT(Expert):
         if inputs.dim() not in (4, 5):
             raise ValueError(f"clip_vit expects video (B, 3, T, H, W) or image (B, 3, H, W), "
                              f"got shape {tuple(inputs.shape)}")
-        video = self.frames(inputs) if inputs.dim() == 5 else inputs[:, :, None]
+        video = self.frame_select(inputs) if inputs.dim() == 5 else inputs[:, :, None]
         b, t = video.shape[0], video.shape[2]
         x = self.conv1(rearrange(video, "b c t h w -> (b t) c h w"))
         gh, gw = x.shape[-2:]

@@ -61,17 +61,17 @@ class MMViTBackbone(TimmViT):
         num_frames: ``T`` (size of the temporal position embedding ``time_embed`` ``(T, D)``).
         frozen: MM-ViT fine-tunes the whole ViT: ``False`` in its recipes (default ``True`` as for
             every expert).
-        name, pretrained, frames, pool, drop_path, modality, **kwargs: as for ``timm_vit``.
+        name, pretrained, frame_select, pool, drop_path, modality, **kwargs: as for ``timm_vit``.
 
     ``embed(video (B, 3, T, H, W)) -> Tokens((B, 1 + T·N, D), TokenLayout(T, H, W, extras=1))``:
     patches ``E·x(p,t) + pos_embed[1 + p] + time_embed[t]``, then the CLS ``cls_token + pos_embed[0]``.
     """
 
     def __init__(self, name: str = "vit_base_patch16_224", pretrained: str | bool | None = None,
-                 frames: FrameSelect | dict[str, Any] | None = None, pool: str | None = None,
+                 frame_select: FrameSelect | dict[str, Any] | None = None, pool: str | None = None,
                  drop_path: float = 0.0, frozen: bool = True, modality: str = "video", num_frames: int = 8,
                  **kwargs: Any) -> None:
-        super().__init__(name, pretrained, frames, pool, drop_path=drop_path, frozen=False, modality=modality,
+        super().__init__(name, pretrained, frame_select, pool, drop_path=drop_path, frozen=False, modality=modality,
                          **kwargs)
         vit = self.vit
         if getattr(vit, "cls_token", None) is None or getattr(vit, "reg_token", None) is not None \
@@ -99,7 +99,7 @@ class MMViTBackbone(TimmViT):
 
     def embed(self, inputs: Tensor) -> Tokens:
         """Video ``(B, 3, T, H, W)`` (frames selected) to ``(B, 1 + T·N, D)`` tokens, one CLS per clip."""
-        video = self.frames(inputs) if inputs.dim() == 5 else inputs[:, :, None]
+        video = self.frame_select(inputs) if inputs.dim() == 5 else inputs[:, :, None]
         b, t = video.shape[0], video.shape[2]
         _check_frames(t, self.num_frames, f"mmvit_vit ({self.modality})")
         x = self.vit.patch_embed(rearrange(video, "b c t h w -> (b t) c h w"))  # (B·T, N, D)

@@ -21,7 +21,7 @@ layers follow that order, one layer per module::
   than re-implemented; operators never re-run it, they act around the steps.
 
 Swin-V2-L (depths 2, 2, 18, 2) therefore has 27 layers: 24 blocks and 3 merges (at layers 2, 5
-and 24); ``block_layers`` lists the block indices (e.g. for an operator's ``layers``). Tokens are
+and 24); ``block_layers`` lists the block indices (e.g. for an operator's ``steps``). Tokens are
 ``(B, T·H·W, C)`` without extras; ``final_norm`` is timm's last LayerNorm and the pool is ``avg``
 (timm's head pools the normed map the same way).
 """
@@ -37,7 +37,7 @@ from fusionkit.attention import TokenLayout
 from fusionkit.experts.base import Expert, FrameSelect, Tokens
 from fusionkit.experts.layer import StepLayer
 from fusionkit.experts.timm_cnn import GridStage
-from fusionkit.experts.timm_vit import create_timm_model, frame_select
+from fusionkit.experts.timm_vit import create_timm_model, frame_select_of
 from fusionkit.registry import EXPERTS
 
 
@@ -88,7 +88,7 @@ class TimmSwin(Expert):
         name: timm model name (``swinv2_large_window12_192.ms_in22k``, ``swinv2_tiny_window8_256``, ...).
         pretrained: ``None`` (random init), a local weight file in timm's layout, or ``True`` / a hub
             tag to download (online machines only).
-        frames: frame selection (:class:`FrameSelect` or ``{stride, offset, num}``).
+        frame_select: which frames of the clip it sees (:class:`FrameSelect` or ``{stride, offset, num}``).
         drop_path: stochastic depth of the blocks.
         frozen: freeze every parameter (default).
         modality: batch key read (``video``; a ``shared`` stream borrows the layers for audio).
@@ -99,7 +99,7 @@ class TimmSwin(Expert):
     """
 
     def __init__(self, name: str = "swinv2_large_window12_192.ms_in22k", pretrained: str | bool | None = None,
-                 frames: FrameSelect | dict[str, Any] | None = None, drop_path: float = 0.0,
+                 frame_select: FrameSelect | dict[str, Any] | None = None, drop_path: float = 0.0,
                  frozen: bool = True, modality: str = "video", **kwargs: Any) -> None:
         swin = create_timm_model(name, pretrained, "timm_swin", num_classes=0, drop_path_rate=drop_path, **kwargs)
         if not hasattr(swin, "layers") or not all(hasattr(s, "blocks") for s in swin.layers):
@@ -115,14 +115,14 @@ class TimmSwin(Expert):
         self.dims = [layer.dim for layer in layers]
         self.block_layers = [i for i, layer in enumerate(layers) if isinstance(layer, SwinBlock)]
         self.final_norm = swin.norm  # registered once, here
-        self.frames = frame_select(frames)
+        self.frame_select = frame_select_of(frame_select)
         self.img_size = tuple(swin.patch_embed.img_size)
         if frozen:
             self.freeze()
 
     def embed(self, inputs: Tensor) -> Tokens:
         """Video ``(B, 3, T, H, W)`` (frames selected) or image ``(B, 3, H, W)`` to patch tokens."""
-        video = self.frames(inputs) if inputs.dim() == 5 else inputs[:, :, None]
+        video = self.frame_select(inputs) if inputs.dim() == 5 else inputs[:, :, None]
         b = video.shape[0]
         x = self.patch_embed(rearrange(video, "b c t h w -> (b t) c h w"))  # (B·T, H, W, C)
         layout = TokenLayout(video.shape[2], x.shape[1], x.shape[2])

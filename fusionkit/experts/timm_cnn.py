@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from fusionkit.attention import TokenLayout
 from fusionkit.experts.base import Expert, FrameSelect, Tokens
 from fusionkit.experts.layer import Stage
-from fusionkit.experts.timm_vit import create_timm_model, frame_select
+from fusionkit.experts.timm_vit import create_timm_model, frame_select_of
 from fusionkit.registry import EXPERTS
 
 
@@ -40,7 +40,7 @@ class TimmCNN(Expert):
     Args:
         name: timm model name (``resnet50``, ``resnet18``, ``convnext_tiny``, ...).
         pretrained: ``None``, a local weight file in timm's layout, or ``True`` (online only).
-        frames: frame selection (:class:`FrameSelect` or ``{stride, offset, num}``).
+        frame_select: which frames of the clip it sees (:class:`FrameSelect` or ``{stride, offset, num}``).
         num_stages: the last ``num_stages`` entries of timm's ``feature_info`` become the layers
             (4 for ResNets: ``layer1`` … ``layer4``); everything before them is the stem.
         frozen: freeze all parameters and keep BatchNorm statistics fixed (eval mode) in training.
@@ -51,7 +51,7 @@ class TimmCNN(Expert):
     """
 
     def __init__(self, name: str = "resnet50", pretrained: str | bool | None = None,
-                 frames: FrameSelect | dict[str, Any] | None = None, num_stages: int = 4,
+                 frame_select: FrameSelect | dict[str, Any] | None = None, num_stages: int = 4,
                  frozen: bool = True, modality: str = "video", **kwargs: Any) -> None:
         cnn = create_timm_model(name, pretrained, "timm_cnn", num_classes=0, **kwargs)
         super().__init__(modality, "avg")
@@ -62,14 +62,14 @@ class TimmCNN(Expert):
         self.stem = nn.Sequential(*(children[n] for n in stem_names))
         self.layers = nn.ModuleList(GridStage(cnn.get_submodule(i["module"]), i["num_chs"]) for i in info)
         self.dims = [i["num_chs"] for i in info]
-        self.frames = frame_select(frames)
+        self.frame_select = frame_select_of(frame_select)
         self.frozen = frozen
         if frozen:
             self.freeze()
 
     def embed(self, inputs: Tensor) -> Tokens:
         """Video ``(B, 3, T, H, W)`` or image ``(B, 3, H, W)`` through the stem: ``(B, T·h·w, C_stem)``."""
-        video = self.frames(inputs) if inputs.dim() == 5 else inputs[:, :, None]
+        video = self.frame_select(inputs) if inputs.dim() == 5 else inputs[:, :, None]
         t = video.shape[2]
         fmap = self.stem(rearrange(video, "b c t h w -> (b t) c h w"))
         layout = TokenLayout(t, fmap.shape[2], fmap.shape[3])

@@ -27,11 +27,11 @@ from fusionkit.registry import EXPERTS
 POS_RESAMPLE = (None, "bicubic", "sequence")
 
 
-def frame_select(frames: FrameSelect | dict[str, Any] | None) -> FrameSelect:
-    """A :class:`FrameSelect` from a recipe mapping (``{stride: 2, offset: 1}``) or ``None``."""
-    if frames is None:
+def frame_select_of(spec: FrameSelect | dict[str, Any] | None) -> FrameSelect:
+    """A :class:`FrameSelect` from a recipe mapping (``{stride: 2, offset: 1}``) or ``None`` (every frame)."""
+    if spec is None:
         return FrameSelect()
-    return frames if isinstance(frames, FrameSelect) else FrameSelect(**dict(frames))
+    return spec if isinstance(spec, FrameSelect) else FrameSelect(**dict(spec))
 
 
 def create_timm_model(name: str, pretrained: str | bool | None, what: str, **kwargs: Any) -> nn.Module:
@@ -94,7 +94,7 @@ class TimmViT(Expert):
         name: timm model name (``vit_base_patch16_224``, ``vit_small_patch16_224.augreg_in21k``, ...).
         pretrained: ``None`` (random init), a local weight file in timm's layout, or ``True`` /
             a hub tag to download (online machines only).
-        frames: frame selection (:class:`FrameSelect` or ``{stride, offset, num}``).
+        frame_select: which frames of the clip it sees (:class:`FrameSelect` or ``{stride, offset, num}``).
         pool: ``"cls"`` or ``"avg"``; default follows the timm model's ``global_pool``.
         pos_resample: ``None`` (inputs of the model's size only), ``"bicubic"`` or ``"sequence"``
             (inputs of any size; see :data:`POS_RESAMPLE`).
@@ -106,7 +106,7 @@ class TimmViT(Expert):
     """
 
     def __init__(self, name: str = "vit_base_patch16_224", pretrained: str | bool | None = None,
-                 frames: FrameSelect | dict[str, Any] | None = None, pool: str | None = None,
+                 frame_select: FrameSelect | dict[str, Any] | None = None, pool: str | None = None,
                  pos_resample: str | None = None, drop_path: float = 0.0, frozen: bool = True,
                  modality: str = "video", **kwargs: Any) -> None:
         if pos_resample not in POS_RESAMPLE:
@@ -122,7 +122,7 @@ class TimmViT(Expert):
         vit.blocks = nn.ModuleList(block_from_timm(b, "space") for b in vit.blocks)
         vit.reset_classifier(0)
         self.vit = vit
-        self.frames = frame_select(frames)
+        self.frame_select = frame_select_of(frame_select)
         self.dims = [vit.embed_dim] * len(vit.blocks)
         # the norms move out of the timm model so that each parameter has one name
         self.final_norm, vit.norm = vit.norm, nn.Identity()
@@ -137,7 +137,7 @@ class TimmViT(Expert):
     def embed(self, inputs: Tensor) -> Tokens:
         """Video ``(B, 3, T, H, W)`` (frames selected) or image ``(B, 3, H, W)`` to tokens ``(B, T·(E + h·w), D)``;
         with ``pos_resample`` any ``H, W`` (``h, w = H // p, W // p`` for patch size ``p``)."""
-        video = self.frames(inputs) if inputs.dim() == 5 else inputs[:, :, None]
+        video = self.frame_select(inputs) if inputs.dim() == 5 else inputs[:, :, None]
         b, t = video.shape[0], video.shape[2]
         frames = rearrange(video, "b c t h w -> (b t) c h w")
         if self.pos_resample:  # rows / columns past the last whole patch fall outside the grid (a strided conv)

@@ -36,7 +36,7 @@ class SpectrogramImage(nn.Module):
 
     Args:
         chunks: equal pieces of the waveform, one image each (AV-STFP: 10, one per video frame).
-        frames: fbank frames per image (zero-padded or cropped), e.g. LAVISH ViT: 102.
+        target_length: fbank frames per image (zero-padded or cropped), e.g. LAVISH ViT: 102 (as ``fbank``).
         size: ``(H, W)`` to resize each image to (e.g. the expert's 224×224), or ``None``.
         channels: channels of the output image (the spectrogram repeated).
         orientation: ``mel_rows`` (mel bins as rows, frames as columns) or ``time_rows`` (frames as
@@ -45,7 +45,7 @@ class SpectrogramImage(nn.Module):
             ``num_mel_bins``, ``frame_shift``, ``mean``, ``std``, ...).
     """
 
-    def __init__(self, chunks: int = 1, frames: int | None = None, size: Sequence[int] | None = None,
+    def __init__(self, chunks: int = 1, target_length: int | None = None, size: Sequence[int] | None = None,
                  channels: int = 3, orientation: str = "mel_rows", **fbank: object) -> None:
         super().__init__()
         if chunks < 1:
@@ -57,7 +57,7 @@ class SpectrogramImage(nn.Module):
         self.size = tuple(size) if size is not None else None
         self.channels = channels
         self.orientation = orientation
-        self.fbank = KaldiFbank(target_length=frames, **fbank)
+        self.fbank = KaldiFbank(target_length=target_length, **fbank)
 
     def forward(self, waveform: Tensor, sample_rate: int | None = None) -> Tensor:
         mono = self.fbank.mono(waveform, sample_rate)  # (B, samples) at the fbank rate

@@ -192,7 +192,7 @@ class AVSTFP(FusionOp):
         layer = state.layers.get(e)
         if layer is None:
             raise ValueError(f"avstfp at step {state.step}: expert {e!r} has no layer at this step (align the "
-                             f"streams, or restrict the operator's layers); active: {sorted(state.layers)}")
+                             f"streams, or restrict the operator's steps); active: {sorted(state.layers)}")
         if not isinstance(layer, Block):
             raise ValueError(f"avstfp: expert {e!r} layer is a {type(layer).__name__}, not a transformer Block "
                              "(norm1 / attn): AV-STFP re-runs frozen attention")

@@ -7,10 +7,10 @@ temporal expert, noun from the spatial one) and the heads stay the ones of the c
 
 CA²ST puts "the information exchange in the penultimate layer". Two readings, both recipes:
 
-* ``layers: [-1]`` (what ``cast_late_*`` / ``cava_late_add`` use): site ``post_mlp`` of the last
+* ``steps: [-1]`` (what ``cast_late_*`` / ``cava_late_add`` use): site ``post_mlp`` of the last
   layer, right before ``final_norm`` and pooling: the exchange is on the penultimate
   *representation* of the whole network, the one the classifier layer reads;
-* ``layers: [-2]`` (the literal one, the override ``fusion.late.layers=[-2]``): after the MLP of
+* ``steps: [-2]`` (the literal one, the override ``fusion.late.steps=[-2]``): after the MLP of
   the penultimate transformer layer; the last layer then runs on the fused tokens.
 
 Every expert ``a`` receives the pooled features ``m_b`` of the other joined experts ``b``

@@ -233,7 +233,7 @@ class LAVISH(FusionOp):
             if not isinstance(state.layers.get(e), StepLayer):
                 raise ValueError(f"lavish at step {state.step}: expert {e!r} has no transformer layer with an "
                                  "attention step here (e.g. a Swin patch merging); leave this step out of the "
-                                 "operator's layers")
+                                 "operator's steps")
         x = {e: state.x[e] for e in self.experts}
         extra = self._updates(self.attn_adapters, x, state.layouts)
         y = {e: state.layers[e].attend(x[e], state.layouts[e]) for e in self.experts}
