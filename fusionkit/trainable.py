@@ -8,6 +8,12 @@ syntax on ``model.named_parameters()`` names), e.g. the experts' final norms in 
       unfreeze: ["experts.*.pool_norm.*"]
       freeze: []
 
+Every expert's layers also answer to one name scheme, ``experts.<expert>.layers.<i>.<name>`` (``i``
+the index in the expert's ``layers``), whatever the module path their parameters are stored under
+(``vit.blocks.N`` for timm ViTs, ``blocks.N`` for VideoMAE and AST, ``layers.N`` for Swin; state dicts
+and checkpoints keep those names): ``unfreeze: ["experts.*.layers.11.*"]`` trains the last layer of
+every 12-layer expert.
+
 A pattern that matches no parameter is an error naming the closest parameter names: a typo in
 a recipe must not silently train the wrong set.
 """
@@ -31,17 +37,29 @@ class TrainablePolicy:
     freeze: Sequence[str] = field(default_factory=tuple)
 
     def apply(self, model: nn.Module) -> nn.Module:
-        names = [n for n, _ in model.named_parameters()]
         params = dict(model.named_parameters())
+        aliases = {**layer_aliases(model), **{n: n for n in params}}  # a name or layer alias → the stored name
         for patterns, flag in ((self.unfreeze, True), (self.freeze, False)):
             for pattern in patterns:
-                hits = fnmatch.filter(names, pattern)
+                hits = {aliases[n] for n in fnmatch.filter(aliases, pattern)}
                 if not hits:
-                    hint = ", ".join(closest(pattern, names)) or "(the model has no parameters)"
+                    hint = ", ".join(closest(pattern, list(aliases))) or "(the model has no parameters)"
                     raise ValueError(f"trainable pattern {pattern!r} matches no parameter; closest names: {hint}")
                 for name in hits:
                     params[name].requires_grad_(flag)
         return model
+
+
+def layer_aliases(model: nn.Module) -> dict[str, str]:
+    """``experts.<e>.layers.<i>.<name>`` → the parameter's stored name, for every layer of every expert."""
+    stored = {id(p): n for n, p in model.named_parameters()}
+    experts = getattr(model, "experts", None)
+    out: dict[str, str] = {}
+    for e, expert in (experts.items() if isinstance(experts, nn.ModuleDict) else ()):
+        for i, layer in enumerate(getattr(expert, "layers", ())):
+            for n, p in layer.named_parameters():
+                out[f"experts.{e}.layers.{i}.{n}"] = stored[id(p)]
+    return out
 
 
 @dataclass(frozen=True)

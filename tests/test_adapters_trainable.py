@@ -82,3 +82,18 @@ def test_report_counts():
     assert total.name == "total"
     assert total.total == sum(p.numel() for p in expert.parameters())
     assert total.trainable == sum(p.numel() for a in adapters for p in a.parameters())
+
+
+def test_layer_patterns_name_every_experts_layers_one_way():
+    """``experts.*.layers.<i>.*`` reaches layer ``i`` of a timm ViT (stored under ``vit.blocks``) and of a
+    VideoMAE ViT (``blocks``) alike; the stored names stay, and only those parameters train."""
+    import fusionkit
+
+    model = fusionkit.build("tiny", ["trainable.unfreeze=[experts.*.layers.1.mlp.*]"])
+    unfrozen = {n for n in trainable_names(model) if n.startswith("experts.") and "adapter" not in n}
+    assert unfrozen == {f"experts.{e}.{stored}.1.mlp.{fc}.{t}" for e, stored in
+                                      (("spatial", "vit.blocks"), ("temporal", "blocks"))
+                                      for fc in ("fc1", "fc2") for t in ("weight", "bias")}
+    with pytest.raises(ValueError, match=r"'experts\.\*\.layers\.7\.\*' matches no parameter; closest names: "
+                                         r"experts\.spatial\.layers\."):
+        fusionkit.build("tiny", ["trainable.unfreeze=[experts.*.layers.7.*]"])
