@@ -61,6 +61,16 @@ def test_no_decay_is_what_modules_declare_plus_1d_tensors(recipe):
     assert declared_no_weight_decay(model) == declared & {n for n, _ in model.named_parameters()}
 
 
+def test_swin_declares_timms_exclusions():
+    """Swin-V2's position-bias MLPs and (heads, 1, 1) logit scales never decay, as timm declares them."""
+    model = build_meta("lavish_swinv2_l", ["trainable.unfreeze=[experts.video.layers.0.*]"])
+    no_decay, decay = decay_sets(param_groups(model, 1.0, 0.05, 1.0))
+    block = "experts.video.layers.0.block.attn"
+    assert {f"{block}.logit_scale", f"{block}.cpb_mlp.0.weight", f"{block}.cpb_mlp.2.weight"} <= no_decay
+    assert {f"{block}.qkv.weight", f"{block}.proj.weight"} <= decay
+    assert dict(model.named_parameters())[f"{block}.logit_scale"].ndim == 3
+
+
 def test_recipe_patterns_add_exclusions():
     recipe = load_recipe("tiny", ["train.no_weight_decay=[heads.*]"])
     model = build_meta(recipe)

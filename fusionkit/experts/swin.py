@@ -120,6 +120,11 @@ class TimmSwin(Expert):
         if frozen:
             self.freeze()
 
+    def no_weight_decay(self) -> set[str]:
+        """As timm's Swin-V2 declares them: the continuous position bias MLPs and the attention logit scales
+        (``logit_scale`` is ``(heads, 1, 1)``, so the 1-D rule alone would decay it)."""
+        return {n for n, _ in self.named_parameters() if "cpb_mlp" in n or "logit_scale" in n}
+
     def embed(self, inputs: Tensor) -> Tokens:
         """Video ``(B, 3, T, H, W)`` (frames selected) or image ``(B, 3, H, W)`` to patch tokens."""
         video = self.frame_select(inputs) if inputs.dim() == 5 else inputs[:, :, None]
