@@ -12,7 +12,8 @@ import fusionkit
 from fusionkit.attention import TokenLayout
 from fusionkit.describe import describe
 from fusionkit.fusion.base import SiteState
-from fusionkit.fusion.late import LateFusion, ensemble
+from fusionkit.engine.ensemble import ensemble
+from fusionkit.fusion.late import LateFusion
 from fusionkit.fusion.lateral import Lateral, resample_patches
 from fusionkit.registry import FUSIONS
 

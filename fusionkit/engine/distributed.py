@@ -86,14 +86,6 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any) -> Any:
-    if not info().enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def wrap(model: nn.Module, device: torch.device, fsdp: bool = False, find_unused_parameters: bool = False) -> nn.Module:
     """DDP around ``model`` when distributed (the model itself otherwise); with ``fsdp``, FSDP2
     (``fully_shard``, CPU and CUDA) shards the model in place and returns it.

@@ -28,7 +28,7 @@ from fusionkit.engine.device import autocast, pick_device
 from fusionkit.engine.loading import build_dataset, check_modalities, make_loader, to_device
 from fusionkit.engine.progress import Reporter, fmt
 from fusionkit.errors import DataError, UsageError
-from fusionkit.fusion.late import ensemble
+from fusionkit.engine.ensemble import ensemble
 from fusionkit.metrics import MetricTracker, harmonic_mean
 
 ROBUSTNESS_MEMO_GB = 8.0  # decoded clips kept in memory across the conditions of `eval --corrupt`
@@ -40,7 +40,7 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str
              on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
     """Metrics of ``model`` over ``loader`` (every rank's shard gathered first); ``skipped`` counts
     undecodable items; ``action`` names the heads of ``action/top1`` (``None``: no such metric). A recipe
-    with ``eval.ensemble`` is scored on its ensemble groups (:func:`fusionkit.fusion.late.ensemble`, each
+    with ``eval.ensemble`` is scored on its ensemble groups (:func:`fusionkit.engine.ensemble.ensemble`, each
     group named after the label it predicts)."""
     was_training = model.training
     model.eval()

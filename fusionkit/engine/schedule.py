@@ -45,9 +45,6 @@ class WarmupCosine:
         self.last_step += 1
         self._apply()
 
-    def get_last_lr(self) -> list[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
-
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step}
 

@@ -1,5 +1,6 @@
 """``late``: late fusion at the penultimate layer (the CAST paper, Table 1 (b), Figure 7 (a, b); the CA²ST
-paper, Table IX), and the test-time ensemble of independent experts (Table 1 (a), Table VIII).
+paper, Table IX). The test-time ensemble of independent experts (Table 1 (a), Table VIII) is
+:mod:`fusionkit.engine.ensemble`.
 
 Late fusion exchanges information once, on the representation that feeds the classifiers. It is
 an operator (not a head) so that every head keeps reading its own expert (EK100: verb from the
@@ -26,7 +27,7 @@ with ``W`` zero-initialised (weight and bias) both modes are the identity at ini
 (``zero_init = True``).
 
 The test-time ensemble is not an operator: a recipe gives every expert its own heads and an
-``eval.ensemble`` key naming which heads are averaged (see :func:`ensemble`), e.g.::
+``eval.ensemble`` key naming which heads are averaged (:func:`fusionkit.engine.ensemble.ensemble`), e.g.::
 
     eval:
       ensemble:
@@ -48,7 +49,6 @@ from fusionkit.fusion.base import FusionOp, SiteState
 from fusionkit.registry import FUSIONS
 
 MODES = ("add", "concat")
-COMBINE = ("softmax", "logits", "sigmoid")
 
 
 def pooled(x: Tensor, layout: TokenLayout) -> Tensor:
@@ -121,45 +121,4 @@ class LateFusion(FusionOp):
         return f"mode={self.mode}, receivers={list(self.receivers)}"
 
 
-def ensemble(logits: Mapping[str, Tensor], groups: Mapping[str, Any]) -> dict[str, Tensor]:
-    """Test-time ensemble: average the predictions of several heads (``eval.ensemble`` of a recipe).
-
-    Args:
-        logits: head name → logits ``(B, C)`` (what ``model(batch)`` returns).
-        groups: output name → ``{heads: [head, ...], combine: softmax | logits | sigmoid}`` or just a
-            list of heads (``combine: softmax``). ``softmax``: mean of the heads' class probabilities
-            (the CAST paper's ensemble of experts); ``logits``: mean of the logits (the CA²ST paper's "logit
-            ensemble"); ``sigmoid``: mean of per-class probabilities (multi-label heads).
-
-    Returns:
-        output name → ``(B, C)`` scores: the mean probabilities (``softmax`` / ``sigmoid``) or the mean
-        logits; top-k and mAP read either. Heads of one group must have the same number of classes.
-    """
-    out = {}
-    for name, spec in groups.items():
-        spec = {"heads": list(spec)} if isinstance(spec, Sequence) and not isinstance(spec, str) else dict(spec)
-        bad = sorted(set(spec) - {"heads", "combine"})
-        if bad:
-            raise ValueError(f"ensemble {name!r}: unknown key(s) {bad}; valid: heads, combine")
-        heads = list(spec.get("heads") or [])
-        combine = spec.get("combine", "softmax")
-        if combine not in COMBINE:
-            raise ValueError(f"ensemble {name!r}: unknown combine {combine!r}; valid: {', '.join(COMBINE)}")
-        if not heads:
-            raise ValueError(f"ensemble {name!r}: no heads given")
-        missing = [h for h in heads if h not in logits]
-        if missing:
-            raise KeyError(f"ensemble {name!r}: no logits for head(s) {missing}; heads are {sorted(logits)}")
-        shapes = {h: tuple(logits[h].shape) for h in heads}
-        if len(set(shapes.values())) != 1:
-            raise ValueError(f"ensemble {name!r}: heads disagree on shape {shapes}")
-        stack = torch.stack([logits[h] for h in heads])  # (K, B, C)
-        if combine == "softmax":
-            stack = stack.softmax(dim=-1)
-        elif combine == "sigmoid":
-            stack = stack.sigmoid()
-        out[name] = stack.mean(dim=0)
-    return out
-
-
-__all__ = ["LateFusion", "ensemble", "pooled"]
+__all__ = ["LateFusion", "pooled"]
