@@ -14,7 +14,7 @@ from media import write_video  # noqa: E402
 import fusionkit  # noqa: E402
 from fusionkit.attention import AttentionRecord, recording  # noqa: E402
 from fusionkit.cli import main  # noqa: E402
-from fusionkit.engine.inspection import row_entropy, summarise  # noqa: E402
+from fusionkit.engine.inspection import attention_maps, received, row_entropy, summarise  # noqa: E402
 
 
 def randomised_tiny():
@@ -66,3 +66,37 @@ def test_inspect_command_writes_entropy_json_and_png(tmp_path, capsys):
     assert got["directions"]["bca.t2s"]["keys"] == [2.0, 2.0]  # a tubelet's two frames
     assert (tmp_path / "out" / "entropy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bca.s2t" in capsys.readouterr().out
+
+
+def test_received_attention_is_the_brute_force_sum_over_queries():
+    """T2S (time windows: one per location) and S2T (space windows: one per frame, the spatial expert's CLS
+    left out) put each window's key weights back at the key tokens."""
+    model = randomised_tiny()
+    with torch.no_grad(), recording() as records:
+        model({"video": torch.randn(2, 3, 4, 32, 32), "audio": torch.randn(2, 1600)})
+    t2s, s2t = records[0], records[1]
+    assert (t2s.context["query"], t2s.context["key"], s2t.context["key"]) == ("spatial", "temporal", "spatial")
+    per_key = t2s.weights.sum(-2).mean(1).reshape(2, 16, 2)           # (B, location n, frame t)
+    expected = per_key.permute(0, 2, 1).reshape(2, 32)                # temporal tokens are (t, n)-major
+    torch.testing.assert_close(received(t2s), expected)
+    lay = s2t.context["key_layout"]                                    # spatial: one CLS per frame
+    got = received(s2t).reshape(2, lay.t, 1 + 16)
+    assert torch.equal(got[:, :, 0], torch.zeros(2, lay.t))           # CLS never a key
+    torch.testing.assert_close(got[:, :, 1:], s2t.weights.sum(-2).mean(1).reshape(2, lay.t, 16))
+    maps = attention_maps(records)
+    assert maps["bca.t2s"]["grid"] == [2, 4, 4] and maps["bca.t2s"]["steps"] == [0, 1]
+    share = maps["bca.t2s"]["share"][0]
+    torch.testing.assert_close(share, expected.mean(0).reshape(2, 4, 4) / expected.mean(0).sum())
+
+
+def test_inspect_draws_maps_over_what_the_key_expert_sees(tmp_path):
+    frames = np.random.default_rng(1).integers(0, 256, (8, 48, 48, 3), dtype=np.uint8)
+    clip = write_video(tmp_path / "clip.mp4", frames)
+    assert main(["inspect", "tiny", "--video", str(clip), "--out", str(tmp_path / "out"), "--json"]) == 0
+    got = json.loads((tmp_path / "out" / "entropy.json").read_text())
+    assert set(got["maps"]) == {"bca.t2s", "bca.s2t"}
+    for m in got["maps"].values():
+        shares = np.array(m["share"])                                  # (steps, T, H, W)
+        assert shares.shape == (2, *m["grid"]) and np.allclose(shares.sum(axis=(1, 2, 3)), 1.0, atol=1e-4)
+    for name in got["maps"]:
+        assert (tmp_path / "out" / f"attention_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,8 +24,9 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +163,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Bias = None, dropout_p: flo
         if sum(bias.q_seqlens) != q.shape[2] or sum(bias.kv_seqlens) != k.shape[2]:
             raise ValueError(f"BlockDiagonal covers {sum(bias.q_seqlens)} queries / {sum(bias.kv_seqlens)} keys "
                              f"but q has {q.shape[2]} and k has {k.shape[2]} tokens")
-    if _records and _labels:
+    if _records and any(name is not None for name, _ in _labels):
         return _recorded(q, k, v, bias, scale)
     return KERNELS.get(resolve_backend(q))(q, k, v, bias, dropout_p, scale)
 
@@ -170,27 +171,35 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Bias = None, dropout_p: flo
 @dataclass(frozen=True)
 class AttentionRecord:
     """One call of :func:`attention` under :func:`recording`: ``label`` (the :func:`attention_label`
-    stack joined by ``/``, e.g. ``bca/3/t2s``) and its ``weights`` ``(B', H, Lq, Lk)`` (float32, CPU;
-    ``B'`` = batch × windows when the caller regrouped tokens into windows; masked keys have 0)."""
+    stack joined by ``/``, e.g. ``bca/3/t2s``), its ``weights`` ``(B', H, Lq, Lk)`` (float32, CPU;
+    ``B'`` = batch × windows when the caller regrouped tokens into windows; masked keys have 0) and
+    ``context``: what the callers around it stated (an operator's ``query`` / ``key`` expert,
+    :func:`~fusionkit.attention.windowed`'s ``key_plan``, ``key_layout`` and ``key_batch``)."""
 
     label: str
     weights: Tensor
+    context: Mapping[str, Any] = field(default_factory=dict)
 
 
-_labels: list[str] = []
+_labels: list[tuple[str | None, dict[str, Any]]] = []  # (name or None, context) of the enclosing blocks
 _records: list[list[AttentionRecord]] = []
 
 
 @contextlib.contextmanager
-def attention_label(name: str) -> Iterator[None]:
-    """Name the attention calls inside the block (nestable: names join with ``/``). Shared mechanisms
-    (the fusion graph: ``<operator>/<step>``) and operators (a direction) set them; only labelled
-    calls are recorded."""
-    _labels.append(name)
+def attention_label(name: str | None, **context: Any) -> Iterator[None]:
+    """Name the attention calls inside the block (nestable: names join with ``/``) and state facts about
+    them (``context``, inner blocks win). Shared mechanisms (the fusion graph: ``<operator>/<step>``) and
+    operators (a direction, its ``query`` / ``key`` experts) set them; only named calls are recorded."""
+    _labels.append((name, context))
     try:
         yield
     finally:
         _labels.pop()
+
+
+def is_recording() -> bool:
+    """Whether a :func:`recording` is active (callers skip stating context otherwise)."""
+    return bool(_records)
 
 
 @contextlib.contextmanager
@@ -208,7 +217,9 @@ def recording() -> Iterator[list[AttentionRecord]]:
 def _recorded(q: Tensor, k: Tensor, v: Tensor, bias: Bias, scale: float | None) -> Tensor:
     """The eager maths of :func:`eager_attention`, keeping the softmax weights in the active recording."""
     weights = attention_weights(q, k, bias, scale)
-    _records[-1].append(AttentionRecord("/".join(_labels), weights.detach().float().cpu()))
+    label = "/".join(name for name, _ in _labels if name is not None)
+    context = {key: value for _, ctx in _labels for key, value in ctx.items()}
+    _records[-1].append(AttentionRecord(label, weights.detach().float().cpu(), context))
     return weights @ v
 
 

@@ -30,6 +30,7 @@ VideoMAE tubelets without needs the same T and H·W on both sides.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
-from fusionkit.attention.kernels import BlockDiagonal
+from fusionkit.attention.kernels import BlockDiagonal, attention_label, is_recording
 from fusionkit.attention.layout import TokenLayout
 from fusionkit.registry import WINDOWS
 
@@ -264,7 +265,8 @@ def windowed(fn: AttnFn, x: Tensor, layout: TokenLayout, window: str | Window, *
             raise ValueError("self-attention leaves extras out of queries and keys together: pass the same "
                              f"query_extras and key_extras (got {query_extras} and {key_extras})")
         packed = not qp.uniform
-        y = fn(qp.group(x, packed), kv=None, bias=BlockDiagonal.self_attention(qp.seqlens) if packed else None)
+        with _keys(qp, layout, x.shape[0]):
+            y = fn(qp.group(x, packed), kv=None, bias=BlockDiagonal.self_attention(qp.seqlens) if packed else None)
         return qp.ungroup(y, x.shape[0])
     kv_layout = kv_layout or layout
     kv_layout.check(kv, "key/value tokens")
@@ -274,5 +276,14 @@ def windowed(fn: AttnFn, x: Tensor, layout: TokenLayout, window: str | Window, *
                          f"{len(kp.seqlens)} key sequences over {kv_layout}; the layouts are not compatible")
     packed = not (qp.uniform and kp.uniform)
     bias = BlockDiagonal(qp.seqlens, kp.seqlens) if packed else None
-    y = fn(qp.group(x, packed), kv=kp.group(kv, packed), bias=bias)
+    with _keys(kp, kv_layout, kv.shape[0]):
+        y = fn(qp.group(x, packed), kv=kp.group(kv, packed), bias=bias)
     return qp.ungroup(y, x.shape[0])
+
+
+def _keys(plan: WindowPlan, layout: TokenLayout, batch: int) -> contextlib.AbstractContextManager[None]:
+    """Under :func:`~fusionkit.attention.recording`, state the key side of the attention calls inside
+    (``fusionkit inspect`` maps the weights back to key tokens with it); a no-op otherwise."""
+    if not is_recording():
+        return contextlib.nullcontext()
+    return attention_label(None, key_plan=plan, key_layout=layout, key_batch=batch)

@@ -238,7 +238,7 @@ class BCA(FusionOp):
         for name, (q, k, window) in self.directions.items():
             pos = self.positions[name]
             fn = functools.partial(self.cross[name], attn=self.attention_of(name))
-            with attention_label(name):  # recorded as "<operator>/<step>/<direction>" (fusionkit inspect)
+            with attention_label(name, query=q, key=k):  # "<operator>/<step>/<direction>" (inspect)
                 out = windowed(fn, inputs(q, pos), state.layouts[q], window, kv=inputs(k, pos),
                                kv_layout=state.layouts[k], query_extras=False, key_extras=False)
             if self.mode == "bottleneck":

@@ -69,7 +69,7 @@ import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from fusionkit.attention import TokenLayout, attention, windowed
+from fusionkit.attention import TokenLayout, attention, attention_label, windowed
 from fusionkit.experts.layer import StepLayer
 from fusionkit.fusion.base import FusionOp, SiteState
 from fusionkit.fusion.directions import parse_directions
@@ -220,7 +220,8 @@ class LAVISH(FusionOp):
                  layouts: Mapping[str, TokenLayout]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for name, (s, t) in self.pairs.items():
-            y = self.drop_path(adapters[name](x[s], x[t], layouts[s], layouts[t], self.windows[name]))
+            with attention_label(name, query=t, key=s):  # recorded as "<operator>/<step>/<direction>"
+                y = self.drop_path(adapters[name](x[s], x[t], layouts[s], layouts[t], self.windows[name]))
             out[t] = out[t] + y if t in out else y
         return out
 
