@@ -21,7 +21,9 @@ A recipe reads like the paper's figure::
     trainable: {unfreeze: ["experts.*.pool_norm.*"]}
     drop_path: 0.2
 
-``_base_: other.yaml`` (or a list) merges the named recipes first (paths relative to the file).
+``_base_: other.yaml`` (or a list) merges the named recipes first (paths relative to the file). An entry of
+``experts``, ``fusion``, ``heads`` or ``data`` whose ``type`` a later file or override changes replaces the
+inherited entry instead of merging into it (:func:`merge`).
 
 A recipe is a file path or a name on the recipe search path (:func:`recipe_dirs`): the folders of
 ``$FUSIONKIT_RECIPES`` (``os.pathsep``-separated), then the recipes installed with the package (the
@@ -44,9 +46,10 @@ ensemble both train on ``verb``).
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.resources
 import inspect
-import functools
 import os
 import re
 import warnings
@@ -210,9 +213,9 @@ def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     bases = cfg.pop("_base_", None)
     merged = OmegaConf.create()
     for base in [] if bases is None else [bases] if isinstance(bases, str) else list(bases):
-        merged = OmegaConf.merge(merged, _load_file(_base_path(path, str(base)), (*seen, path)))
+        merged = merge(merged, _load_file(_base_path(path, str(base)), (*seen, path)))
     migrate_renamed(cfg, str(path), merged)
-    return OmegaConf.merge(merged, cfg) if bases is not None else cfg
+    return merge(merged, cfg) if bases is not None else cfg
 
 
 # keys renamed so that one name has one meaning: (section pattern, old, new). The old names still load
@@ -261,6 +264,26 @@ def migrate_renamed(cfg: Any, where: str, context: Any = None) -> None:
                           FutureWarning, stacklevel=2)
 
 
+TYPED_SECTIONS = ("experts", "fusion", "heads", "data")
+
+
+def merge(base: DictConfig, update: DictConfig) -> DictConfig:
+    """``update`` merged over ``base``; an entry of a typed section (``experts.X``, ``fusion.X``, ``heads.X``,
+    ``data.X``) whose ``type`` the update changes replaces the inherited entry instead of merging into it
+    (a manifest split over ``tiny``'s synthetic one keeps none of its keys)."""
+    base = copy.deepcopy(base)
+    for section in TYPED_SECTIONS:
+        old, new = base.get(section), update.get(section)
+        if not isinstance(old, DictConfig) or not isinstance(new, DictConfig):
+            continue
+        for name, entry in new.items():
+            inherited = old.get(name)
+            if isinstance(entry, DictConfig) and isinstance(inherited, DictConfig) and "type" in entry \
+                    and entry.get("type") != inherited.get("type"):
+                old[name] = None  # dropped, then set afresh by the merge
+    return OmegaConf.merge(base, update)
+
+
 def _base_path(path: Path, base: str) -> Path:
     """The file a ``_base_`` entry of recipe ``path`` means: a path relative to it (or absolute) when that
     file exists, else a recipe name on the search path (``_base_: tiny`` in a plugin's recipe), skipping
@@ -297,7 +320,7 @@ def load_recipe(recipe: str | os.PathLike[str] | Mapping[str, Any] | DictConfig,
             quoted.append(f"{key}='{value}'" if RANGE.match(value.strip()) else item)
         given = OmegaConf.from_dotlist(quoted)
         migrate_renamed(given, "override", cfg)
-        cfg = OmegaConf.merge(cfg, given)
+        cfg = merge(cfg, given)
     data = OmegaConf.to_container(cfg, resolve=True)
     check_keys("", data, SECTIONS, "recipe")
     return data

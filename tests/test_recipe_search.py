@@ -128,3 +128,14 @@ def test_pyproject_lists_every_package():
     assert sorted(config["packages"]) == sorted([*found, "fusionkit._recipes"])
     assert config["package-dir"] == {"fusionkit._recipes": "recipes"}
     assert (ROOT / "recipes" / "__init__.py").is_file()  # a regular package: an editable install finds it
+
+
+def test_an_entry_whose_type_changes_replaces_the_inherited_one(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("_base_: tiny\ndata:\n  train: {type: manifest, path: train.csv, frames: 4, size: 32}\n")
+    assert load_recipe(str(mine))["data"]["train"] == {"type": "manifest", "path": "train.csv", "frames": 4, "size": 32}
+    assert load_recipe(str(mine))["data"]["val"]["type"] == "synthetic"   # untouched entries are inherited
+    given = load_recipe("tiny", ["data.val.type=manifest", "data.val.path=v.csv"])["data"]["val"]
+    assert given == {"type": "manifest", "path": "v.csv"}
+    kept = load_recipe("tiny", ["fusion.bca.type=bca", "fusion.bca.heads=4"])["fusion"]["bca"]   # same type: merged
+    assert kept["heads"] == 4 and kept["directions"] == load_recipe("tiny")["fusion"]["bca"]["directions"]
