@@ -43,6 +43,9 @@ FUSIONKIT = re.compile(r"^(?:\.venv/bin/)?fusionkit$")
 PRINTS = {
     "docs/ablate.md": ["{'spatial': 4, 'temporal': 4, 'audio': 4}", "0.5"],
     "README.md": ["TokenLayout(t=8, h=4, w=4, extras=1, per_frame_extras=True)"],
+    "docs/training-on-your-data.md": ["P01_01_0,P01/videos/P01_01.MP4,00:00:00.14,00:00:03.37,3,3",
+                                      "P01_01_0,P01/videos/P01_01.MP4,00:00:02.466,00:00:05.315,4",
+                                      "abseiling/--Y25TG5sDk_000002_000012.mp4,abseiling"],
 }
 
 
