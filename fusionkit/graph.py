@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from fusionkit import feature_cache as fc
@@ -90,6 +91,7 @@ class FusionModel(nn.Module):
         for spec in operators:
             self._add_operator(spec, dims, layouts, rates)
         self.heads = nn.ModuleDict(dict(heads))
+        self.recompute = False  # train.recompute_experts: activation checkpointing of the experts' steps
         self._cache_plans: dict[tuple[bool, ...], dict[str, tuple[int, str]]] = {}
         self.register_load_state_dict_post_hook(lambda module, keys: module._cache_plans.clear())
         for name, head in self.heads.items():
@@ -274,15 +276,23 @@ class FusionModel(nn.Module):
                 if e in handled:
                     continue
                 if isinstance(layer, StepLayer):
-                    x[e] = layer.attend(x[e], layouts[e])
+                    x[e] = self._expert_step(layer.attend, x[e], layouts[e])
                 else:
-                    x[e], layouts[e] = layer(x[e], layouts[e])
+                    x[e], layouts[e] = self._expert_step(layer, x[e], layouts[e])
             self._run_site("post_attn", sites["post_attn"], x, layouts, layers, step, carry)
             for e, layer in layers.items():
                 if isinstance(layer, StepLayer):
-                    x[e] = layer.feed_forward(x[e])
+                    x[e] = self._expert_step(layer.feed_forward, x[e])
             self._run_site("post_mlp", sites["post_mlp"], x, layouts, layers, step, carry)
         return {e: Tokens(self.experts[e].final_norm(x[e]), layouts[e]) for e in x}
+
+    def _expert_step(self, fn: Any, *args: Any) -> Any:
+        """An expert's step; with ``recompute`` in training, through activation checkpointing: its
+        activations are dropped after the forward and recomputed in the backward (drop-path draws
+        replayed), trading one more forward of the experts for their activation memory."""
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def features(self, tokens: Mapping[str, Tokens]) -> dict[tuple[str, str | None], Tensor]:
         """Pooled features ``(B, D_e)`` for every (expert, pool mode) that a head reads."""

@@ -167,9 +167,12 @@ def frozen_sources(recipe: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def model_meta(model: nn.Module, recipe: Mapping[str, Any], seed: int, trainable_only: bool,
-               **extra: Any) -> dict[str, Any]:
+               fingerprint: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A checkpoint's ``fusionkit`` metadata; ``fingerprint``: the frozen experts' as built (a run that keeps
+    them in bf16, ``train.frozen_precision``, took it before the cast), else computed from ``model``."""
     return {"format": FORMAT, "recipe": dict(recipe), "build_seed": int(seed), "trainable_only": bool(trainable_only),
-            "frozen_sources": frozen_sources(recipe), "frozen_fingerprint": frozen_fingerprint(model), **extra}
+            "frozen_sources": frozen_sources(recipe), "frozen_fingerprint": fingerprint or frozen_fingerprint(model),
+            **extra}
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> dict[str, Any]:

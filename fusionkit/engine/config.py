@@ -57,6 +57,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "head_lr_scale": 1.0,       # extra lr factor of the heads
     "clip_grad": None,          # max gradient norm (None: off)
     "precision": "fp32",        # fp32, bf16, fp16 (autocast; fp16 uses a gradient scaler)
+    "frozen_precision": None,   # bf16 / fp16: frozen Linear / Conv weights stored in it once (= precision)
+    "recompute_experts": False,  # activation checkpointing of the experts' steps: less memory, one more forward
     "label_smoothing": None,    # None: keep each head's own; a value overrides every single-label head
     "mixup": 0.0,               # Beta(alpha, alpha) mixup of video and audio together (0: off)
     "mixup_prob": 1.0,
@@ -120,6 +122,12 @@ def train_config(recipe: Mapping[str, Any]) -> dict[str, Any]:
     if cfg["precision"] not in PRECISIONS:
         raise RecipeError(f"recipe key 'train.precision' must be one of {', '.join(PRECISIONS)}, "
                           f"got {cfg['precision']!r}")
+    if cfg["frozen_precision"] not in (None, "fp32", cfg["precision"]):
+        raise RecipeError(f"recipe key 'train.frozen_precision' is {cfg['frozen_precision']!r} but train.precision "
+                          f"is {cfg['precision']!r}: frozen weights are kept in the precision autocast computes in "
+                          f"(set both to {cfg['frozen_precision']!r})")
+    if not isinstance(cfg["recompute_experts"], bool):
+        raise RecipeError(f"recipe key 'train.recompute_experts' must be true or false, got {cfg['recompute_experts']!r}")
     if cfg["nonfinite"] not in ("stop", "skip"):
         raise RecipeError(f"recipe key 'train.nonfinite' must be 'stop' or 'skip', got {cfg['nonfinite']!r}")
     if cfg["schedule"] not in ("cosine", "constant"):
@@ -152,6 +160,20 @@ def eval_config(recipe: Mapping[str, Any]) -> dict[str, Any]:
     if cfg["split"] not in DATA_KEYS:
         raise RecipeError(f"recipe key 'eval.split' must be one of {', '.join(DATA_KEYS)}, got {cfg['split']!r}")
     return cfg
+
+
+def check_frozen_precision(train: Mapping[str, Any], evaluation: Mapping[str, Any]) -> None:
+    """``train.frozen_precision`` needs the in-training validation to run in that precision too (its
+    weights are stored in it) and is not combined with FSDP (which re-shards the parameters)."""
+    frozen = train["frozen_precision"]
+    if frozen in (None, "fp32"):
+        return
+    if (evaluation["precision"] or train["precision"]) != frozen:
+        raise RecipeError(f"recipe key 'eval.precision' is {evaluation['precision']!r} but train.frozen_precision is "
+                          f"{frozen!r}: validation during training runs on the same weights (leave eval.precision "
+                          "null, or set it to the same)")
+    if train["distributed"]["fsdp"]:
+        raise RecipeError("recipe key 'train.frozen_precision' is not supported with train.distributed.fsdp")
 
 
 def dataset_specs(recipe: Mapping[str, Any], split: str) -> dict[str, dict[str, Any]]:

@@ -1,7 +1,8 @@
-"""Where and in which precision the engine runs: the device of ``train.device`` and autocast of a precision.
+"""Where and in which precision the engine runs: the device of ``train.device``, autocast of a precision,
+and frozen weights kept in that precision (``train.frozen_precision``).
 
-Shared by training, evaluation and prediction (the recipe keys ``train.device``, ``train.precision`` and
-``eval.precision``, see ``docs/engine.md``).
+Shared by training, evaluation and prediction (the recipe keys ``train.device``, ``train.precision``,
+``train.frozen_precision`` and ``eval.precision``, see ``docs/engine.md``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 from typing import Any
 
 import torch
+from torch import nn
 
 from fusionkit.engine import distributed
 
@@ -31,3 +33,25 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+MATMUL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # what autocast runs in the lower precision
+
+
+def cast_frozen(model: nn.Module, precision: str) -> int:
+    """Store the weights of every frozen Linear / Conv layer (all of its parameters ``requires_grad=False``)
+    in ``precision``'s dtype, once, instead of autocast casting them at every call (autocast caches casts
+    of trainable weights only). Autocast rounds an fp32 weight to the same bf16 / fp16 value, so the
+    outputs under ``autocast(precision)`` do not change; norms, embeddings, scales and every trainable
+    tensor stay fp32. Returns the number of tensors cast (``fp32``: none)."""
+    dtype = DTYPES[precision]
+    if dtype is None:
+        return 0
+    cast = 0
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if isinstance(module, MATMUL_LAYERS) and params and not any(p.requires_grad for p in params):
+            for p in params:
+                p.data = p.data.to(dtype)
+            cast += len(params)
+    return cast

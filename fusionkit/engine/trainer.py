@@ -51,11 +51,11 @@ from torch import nn
 
 from fusionkit.engine import distributed, unused
 from fusionkit.engine.checkpoint import (CheckpointError, CheckpointManager, RunDirError, atomic_write_bytes,
-                                         claim_run_dir, load_weights, model_meta, model_tensors, new_run_id,
-                                         optimizer_from_flat, optimizer_to_flat, read_meta, read_tensors, rng_state,
-                                         set_rng_state, state_path)
-from fusionkit.engine.config import dataset_specs, eval_config, train_config
-from fusionkit.engine.device import autocast, pick_device
+                                         claim_run_dir, frozen_fingerprint, load_weights, model_meta, model_tensors,
+                                         new_run_id, optimizer_from_flat, optimizer_to_flat, read_meta, read_tensors,
+                                         rng_state, set_rng_state, state_path)
+from fusionkit.engine.config import check_frozen_precision, dataset_specs, eval_config, train_config
+from fusionkit.engine.device import autocast, cast_frozen, pick_device
 from fusionkit.engine.evaluate import default_monitor, eval_loaders, evaluate_sets
 from fusionkit.engine.loading import (batch_size_of, build_dataset, check_labels, check_modalities, make_loader,
                                       to_device)
@@ -164,6 +164,7 @@ class Trainer:
         check_config(self.recipe)  # a typo in the model's sections fails before the data are looked at
         self.cfg = train_config(self.recipe)
         self.eval_cfg = eval_config(self.recipe)
+        check_frozen_precision(self.cfg, self.eval_cfg)
         self.dist = distributed.init(self.cfg["distributed"]["backend"], self.cfg["distributed"]["timeout_s"])
         self.device = pick_device(self.cfg["device"])
         self.output_dir = Path(output_dir or self.cfg["output_dir"] or default_output_dir(self.recipe))
@@ -259,6 +260,8 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         model = self.build_model()
         self.model = model  # the trained model (unwrapped), for callers and tests
+        self.fingerprint = frozen_fingerprint(model)  # as built (before train.frozen_precision casts them)
+        model.recompute = bool(cfg["recompute_experts"])
         self.heads = model.heads
         check_labels(self.train_set, self.heads, "data.train")
         check_modalities(self.train_set, model, "data.train")
@@ -321,6 +324,9 @@ class Trainer:
             changed = write_recipe(self.output_dir, self.recipe, self.step)
             if changed:
                 self._early_log(changed)
+        cast = cast_frozen(self.model, self.cfg["frozen_precision"] or "fp32")  # after loading: checks the fp32 build
+        if cast and d.is_main:
+            self._early_log(f"frozen weights: {cast} tensors of Linear / Conv layers kept in {self.cfg['frozen_precision']}")
         torch.manual_seed(int(self.cfg["seed"]) + d.rank)
 
     def _setup_loop(self) -> None:
@@ -622,7 +628,8 @@ class Trainer:
             weights = model_tensors(self.model, ck["trainable_only"], distributed.full_state_dict(self.net))
             if d.is_main:
                 self.manager.save_best(metrics[monitor], weights, model_meta(
-                    self.model, self.recipe, int(cfg["seed"]), ck["trainable_only"], step=self.step, epoch=done,
+                    self.model, self.recipe, int(cfg["seed"]), ck["trainable_only"], self.fingerprint,
+                    step=self.step, epoch=done,
                     metrics=metrics, monitor=monitor))
             else:
                 self.manager.best = metrics[monitor]
@@ -652,8 +659,8 @@ class Trainer:
                  "world_size": d.world_size, "optimizer": opt_meta, "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "mixup": mixups,
                  "rng": [rm for _, rm in rngs], "best": self.manager.best, "tally": tally_meta}
-        meta = model_meta(self.model, self.recipe, int(cfg["seed"]), ck["trainable_only"], step=current_step,
-                          epoch=current_step // spe, metrics=dict(epoch_metrics or {}))
+        meta = model_meta(self.model, self.recipe, int(cfg["seed"]), ck["trainable_only"], self.fingerprint,
+                          step=current_step, epoch=current_step // spe, metrics=dict(epoch_metrics or {}))
         path = self.manager.save(current_step, weights, meta, tensors, state)
         distributed.barrier()
         return path
