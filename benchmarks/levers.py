@@ -1,0 +1,92 @@
+"""Train-step time and memory of the precision / memory levers of ``fusionkit train``, on one recipe.
+
+    .venv/bin/python benchmarks/levers.py [--recipe cast] [--frames 8] [--batch 1] [--reps 2] [--out docs/benchmarks.md]
+
+Each configuration runs in its own process (a fresh allocator, so the peak RSS is its own): build
+the recipe with random weights (:class:`fusionkit.engine.bench.Workload`, ``frames`` frames of the
+recipe's video size), apply the levers as ``fusionkit train`` does (``train.frozen_precision``:
+:func:`fusionkit.engine.device.cast_frozen`; ``train.recompute_experts``: ``model.recompute``), then
+time ``--reps`` train steps (forward, loss, backward, AdamW) after one warm-up. Memory: the growth
+of the process's peak RSS over its RSS after building (activations, gradients, optimizer state,
+autocast's weight copies). Ratios within one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from report import device_label, markdown_table, write_section
+
+from fusionkit.engine.bench import Workload, _max_rss, _reset_peak, measure
+from fusionkit.engine.device import cast_frozen
+
+CONFIGS = {  # name -> (precision, frozen_precision, recompute_experts)
+    "fp32": ("fp32", None, False),
+    "fp32 + recompute": ("fp32", None, True),
+    "bf16 autocast": ("bf16", None, False),
+    "bf16 + frozen bf16": ("bf16", "bf16", False),
+    "bf16 + frozen bf16 + recompute": ("bf16", "bf16", True),
+}
+
+
+def overrides(frames: int) -> list[str]:
+    return [f"inputs.video=[3,{frames},224,224]", f"experts.temporal.num_frames={frames}"]
+
+
+def one(recipe: str, frames: int, batch: int, reps: int, name: str) -> dict[str, float]:
+    """Measure configuration ``name`` in this process."""
+    precision, frozen, recompute = CONFIGS[name]
+    work = Workload.build(recipe, overrides(frames), batch)
+    cast_frozen(work.model, frozen or "fp32")
+    work.model.recompute = recompute
+    _reset_peak(work.device)
+    after_build = _max_rss()
+    seconds, _ = measure(work.run("train_step", precision), reps, work.device)
+    return {"seconds": seconds, "memory_gb": max(_max_rss() - after_build, 0) / 1e9, "rss_gb": _max_rss() / 1e9}
+
+
+def table(recipe: str, frames: int, batch: int, reps: int) -> tuple[str, float]:
+    rows, t0 = {}, time.perf_counter()
+    for name in CONFIGS:
+        out = subprocess.run([sys.executable, __file__, "--one", name, "--recipe", recipe, "--frames", str(frames),
+                              "--batch", str(batch), "--reps", str(reps)], capture_output=True, text=True, check=True)
+        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(name, rows[name], flush=True)
+    base = rows["fp32"]
+    cells = [[name, f"{r['seconds']:.2f}", f"{base['seconds'] / r['seconds']:.2f}×", f"{r['memory_gb']:.2f}",
+              f"{r['memory_gb'] / max(base['memory_gb'], 1e-9):.2f}", f"{r['rss_gb']:.2f}"] for name, r in rows.items()]
+    header = ["levers", "train step s", "vs fp32", "step memory GB", "vs fp32", "peak RSS GB"]
+    return markdown_table(header, cells), time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="cast")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process of one configuration
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.recipe, args.frames, args.batch, args.reps, args.one)))
+        return
+    body, seconds = table(args.recipe, args.frames, args.batch, args.reps)
+    device = device_label(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    heading = f"## Memory and precision levers: {args.recipe} train step on {device}"
+    text = (f"{heading}\n\n`benchmarks/levers.py --recipe {args.recipe} --frames {args.frames} --batch {args.batch} --reps "
+            f"{args.reps}`, {torch.get_num_threads()} threads, torch {torch.__version__}; one process per row, "
+            f"median of {args.reps} train steps after a warm-up; step memory: growth of the peak RSS over the "
+            f"built model's; {seconds:.0f} s in all.\n\n{body}\n")
+    print(text)
+    if args.out:
+        write_section(args.out, heading, text)
+
+
+if __name__ == "__main__":
+    main()
