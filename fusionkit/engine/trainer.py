@@ -335,6 +335,8 @@ class Trainer:
             if self.dist.enabled and not self.fsdp else None
         if not self.fsdp:
             self.net = distributed.wrap(self.model, self.device, False, bool(self.find_unused))
+        if cfg["compile"]:  # the first step compiles (its time is logged); checkpoints come from the plain model
+            self.net = torch.compile(self.net)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.val_loaders = eval_loaders(self.val_specs, int(self.eval_cfg["batch_size"]),
                                         int(self.eval_cfg["num_workers"]), int(cfg["seed"])) \
@@ -476,7 +478,10 @@ class Trainer:
         tally.losses.append(step_loss)
         tally.clips += int(n_items + n_skipped)
         tally.skipped += int(n_skipped)
-        self._log_step(epoch, step_loss, current_lr, int(n_items), norm, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._log_step(epoch, step_loss, current_lr, int(n_items), norm, seconds)
+        if cfg["compile"] and self.step == (self.resumed_step or 0) + 1 and d.is_main:
+            self.reporter.log(f"torch.compile: first step {seconds:.1f} s (compilation included)")
         if n_bad and tally.nonfinite > float(cfg["max_nonfinite_fraction"]) * self.spe:
             raise NonFiniteLossError(
                 f"{tally.nonfinite} of the {self.spe} steps of epoch {epoch + 1} had a non-finite loss and were "

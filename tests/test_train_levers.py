@@ -1,5 +1,6 @@
-"""Issue 10's memory / speed levers: frozen weights stored in bf16 once (``train.frozen_precision``) and
-activation checkpointing of the experts' steps (``train.recompute_experts``), each equal to the plain path."""
+"""Issue 10's memory / speed levers: frozen weights stored in bf16 once (``train.frozen_precision``),
+activation checkpointing of the experts' steps (``train.recompute_experts``) and ``train.compile``, each
+equal to the plain path."""
 
 from __future__ import annotations
 
@@ -87,3 +88,13 @@ def test_training_with_both_levers_checkpoints_an_fp32_loadable_model(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a frozen-fingerprint mismatch would warn
         load_weights(fresh, result.checkpoint)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_logs_the_compile_step(tmp_path):
+    common = ["train.epochs=1", "train.log_every=1", "data.train.size=16", "train.batch_size=8", "train.eval_every=0"]
+    eager = train("tiny", common, output_dir=tmp_path / "eager", progress=False)
+    compiled = train("tiny", [*common, "train.compile=true"], output_dir=tmp_path / "compiled", progress=False)
+    assert compiled.status == "finished" and len(compiled.losses) == len(eager.losses) == 2
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)  # inductor may reorder float sums
+    assert "torch.compile: first step" in (tmp_path / "compiled" / "train.log").read_text()
