@@ -87,7 +87,7 @@ def write_section(out: str | Path, heading: str, section: str) -> Path:
     if heading in text:
         start = text.index(heading)
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+        text = text[:start] + section.rstrip("\n") + ("\n\n" + text[end + 1:] if end != -1 else "\n")
     else:
         text = text.rstrip() + "\n\n" + section
     out.write_text(text)
