@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusionkit.errors import FusionkitError
+from fusionkit.logs import quiet
 from fusionkit.registry import KERNELS
 
 BACKENDS = ("auto", "eager", "sdpa", "xformers")
@@ -105,19 +105,14 @@ def requested_backend() -> str:
 @functools.cache
 def _xformers_ops():  # noqa: ANN202 - module or None
     """Import ``xformers.ops`` once, silencing the warning about its unloadable C++ extension."""
-    logger = logging.getLogger("xformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        import warnings
+    import warnings
 
-        with warnings.catch_warnings():
+    try:
+        with quiet("xformers"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import xformers.ops as xops
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return None
-    finally:
-        logger.setLevel(level)
     return xops
 
 

@@ -26,10 +26,9 @@ import contextlib
 import csv
 import io
 import json
-import logging
 import math
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from torch import Tensor
 
 from fusionkit.engine.predict import check_count, class_names_of, head_probs, modalities, prepare, top_classes
 from fusionkit.errors import DataError, UsageError, one_line
+from fusionkit.logs import quiet
 
 OUT_SUFFIXES = (".csv", ".jsonl")
 
@@ -152,18 +152,11 @@ def _row(batch: Mapping[str, Any], probs: Mapping[str, Tensor], topk: int, names
     return row
 
 
-@contextlib.contextmanager
-def _quiet_skips() -> Iterator[None]:
+def _quiet_skips() -> contextlib.AbstractContextManager[None]:
     """The dataset logs every view it cannot decode; a batch names its skipped clips once, at the end."""
     from fusionkit.data.dataset import ManifestDataset
 
-    log = logging.getLogger(ManifestDataset.__module__)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+    return quiet(ManifestDataset.__module__)
 
 
 def predict_clips(model: torch.nn.Module, dataset: Any, batch_size: int, topk: int,

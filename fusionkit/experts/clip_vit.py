@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from fusionkit.experts.base import Expert, FrameSelect, Tokens
 from fusionkit.experts.block import Block
 from fusionkit.experts.pretrained import PretrainedError, is_local_file, load_into, read_state_dict, require_online
 from fusionkit.experts.timm_vit import frame_select_of
+from fusionkit.logs import quiet
 from fusionkit.registry import EXPERTS
 
 _log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ class ClipViT(Expert):
                 create["vision_cfg"] = {**create["vision_cfg"], "image_size": img_size}
         by_open_clip = pretrained if kind in ("file", "hub tag") else None  # a folder is read by fusionkit
         try:
-            with contextlib.nullcontext() if by_open_clip else _quiet_root_logger():
+            with contextlib.nullcontext() if by_open_clip else quiet():
                 # random init is what pretrained=None asks for: drop open_clip's warning about it
                 model = open_clip.create_model(name, pretrained=by_open_clip, **create)
         except Exception as err:
@@ -332,12 +332,3 @@ class ClipViT(Expert):
         return feat @ self.proj if self.proj is not None else feat
 
 
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
