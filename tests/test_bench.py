@@ -43,12 +43,16 @@ def test_json_has_the_summary_keys(result):
 def test_rows_cover_every_backend_that_runs_here(result):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     expected = {(m, p, b) for m in MODES for p, dtype in PRECISIONS.items() for b in backends(device, dtype)}
-    assert {(r["mode"], r["precision"], r["backend"]) for r in result["rows"]} == expected
-    assert len(result["rows"]) == len(expected)
+    plain = [r for r in result["rows"] if not r["levers"]]
+    assert {(r["mode"], r["precision"], r["backend"]) for r in plain} == expected and len(plain) == len(expected)
+    levers = [(r["mode"], r["precision"], r["levers"]) for r in result["rows"] if r["levers"]]
+    assert levers == [("train_step", "fp32", "recompute"), ("train_step", "bf16", "recompute"),
+                      ("forward", "bf16", "frozen bf16"), ("train_step", "bf16", "frozen bf16"),
+                      ("train_step", "bf16", "frozen bf16 + recompute")]
     assert device.type == "cuda" or "xformers" not in {r["backend"] for r in result["rows"]}
 
 
-def test_summary_is_the_fastest_backend_and_numbers_are_positive(result):
+def test_summary_is_the_fastest_row_and_numbers_are_positive(result):
     for row in result["rows"]:
         assert row["median_s"] > 0 and row["gflops_per_s"] > 0 and row["fraction_of_peak"] > 0
         assert row["peak_mem_gb"] >= 0 and row["speedup"] > 0
@@ -57,7 +61,8 @@ def test_summary_is_the_fastest_backend_and_numbers_are_positive(result):
             rows = [r for r in result["rows"] if (r["mode"], r["precision"]) == (mode, precision)]
             assert entry["median_s"] == min(r["median_s"] for r in rows)
             assert entry["backend"] in {r["backend"] for r in rows if r["median_s"] == entry["median_s"]}
-    baseline = [r for r in result["rows"] if (r["precision"], r["backend"]) == ("fp32", "eager")]
+            assert entry["levers"] in {r["levers"] for r in rows if r["median_s"] == entry["median_s"]}
+    baseline = [r for r in result["rows"] if (r["precision"], r["backend"], r["levers"]) == ("fp32", "eager", "")]
     assert [r["speedup"] for r in baseline] == [1.0, 1.0]
 
 

@@ -14,6 +14,10 @@ combination of
 * attention backend (:func:`fusionkit.attention.use_backend`): ``sdpa``, ``eager``, and ``xformers``
   where it has a kernel for the device and dtype (CUDA).
 
+Then, with the fastest backend of each, the train levers (``levers`` column): ``train.recompute_experts``
+(train step, fp32 and bf16) and ``train.frozen_precision: bf16`` (forward and train step, with and
+without recompute; measured last, since the cast is not undone).
+
 Each row holds the median seconds of ``--reps`` runs after one warm-up, the peak memory, the achieved
 GFLOP/s, its fraction of the GFLOP/s of a 2048² matmul in the same precision measured in the same
 run, and the speed-up over the eager fp32 row of the same mode (the in-run baseline).
@@ -51,7 +55,7 @@ from torch import Tensor, nn
 from fusionkit.attention import use_backend, xformers_available
 from fusionkit.describe import describe, flop_counter
 from fusionkit.engine.config import train_config
-from fusionkit.engine.device import autocast, pick_device
+from fusionkit.engine.device import autocast, cast_frozen, pick_device
 from fusionkit.engine.optim import build_optimizer
 from fusionkit.errors import UsageError
 from fusionkit.recipes import RecipeError, build_from_config, load_recipe
@@ -250,6 +254,7 @@ class Row:
     gflops_per_s: float
     fraction_of_peak: float
     speedup: float = 1.0  # over the eager fp32 row of the same mode
+    levers: str = ""  # "" (as built), or the train levers applied: "recompute", "frozen bf16", both
 
 
 def _check_positive(option: str, value: int) -> None:
@@ -257,24 +262,38 @@ def _check_positive(option: str, value: int) -> None:
         raise UsageError(f"{option} must be a positive integer, got {value}")
 
 
+def _row(work: Workload, mode: str, precision: str, backend: str, levers: str, reps: int,
+         flops: Mapping[str, float], peaks: Mapping[str, float], status: Callable[[str], None]) -> Row:
+    status(" ".join(filter(None, (mode, precision, backend, levers))))
+    work.model.recompute = "recompute" in levers
+    with use_backend(backend):
+        seconds, mem = measure(work.run(mode, precision), reps, work.device)
+    work.model.recompute = False
+    rate = flops[mode] / seconds / 1e9
+    return Row(mode, precision, backend, seconds, mem, rate, rate / peaks[precision], levers=levers)
+
+
 def measure_rows(work: Workload, reps: int, flops: Mapping[str, float], peaks: Mapping[str, float],
                  status: Callable[[str], None]) -> list[Row]:
-    """Every (mode, precision, backend) of ``work``; ``status`` hears which one runs."""
-    rows = []
-    for mode in MODES:
-        for precision, dtype in PRECISIONS.items():
-            for backend in backends(work.device, dtype):
-                status(f"{mode} {precision} {backend}")
-                with use_backend(backend):
-                    seconds, mem = measure(work.run(mode, precision), reps, work.device)
-                rate = flops[mode] / seconds / 1e9
-                rows.append(Row(mode, precision, backend, seconds, mem, rate, rate / peaks[precision]))
-    base = {r.mode: r.median_s for r in rows if (r.precision, r.backend) == BASELINE}
+    """Every (mode, precision, backend) of ``work`` as built, then, with the fastest backend of each, the train
+    levers: ``train.recompute_experts`` (train step, fp32 and bf16), and, last (the cast is not undone),
+    ``train.frozen_precision: bf16`` (both modes, bf16, with and without recompute); ``status`` hears each."""
+    rows = [_row(work, mode, precision, backend, "", reps, flops, peaks, status)
+            for mode in MODES for precision, dtype in PRECISIONS.items() for backend in backends(work.device, dtype)]
+    fastest = {(r.mode, r.precision): r.backend for r in sorted(rows, key=lambda r: -r.median_s)}
+    rows += [_row(work, "train_step", p, fastest[("train_step", p)], "recompute", reps, flops, peaks, status)
+             for p in PRECISIONS]
+    cast_frozen(work.model, "bf16")
+    rows += [_row(work, mode, "bf16", fastest[(mode, "bf16")], levers, reps, flops, peaks, status)
+             for mode, levers in (("forward", "frozen bf16"), ("train_step", "frozen bf16"),
+                                  ("train_step", "frozen bf16 + recompute"))]
+    base = {r.mode: r.median_s for r in rows if (r.precision, r.backend, r.levers) == (*BASELINE, "")}
     return [replace(r, speedup=base[r.mode] / r.median_s) for r in rows]
 
 
 def best(rows: Sequence[Row], mode: str) -> dict[str, dict[str, Any]]:
-    """Precision → the fastest backend's row of ``mode`` (without mode and precision)."""
+    """Precision → the fastest row of ``mode``, its settings (``backend``, ``levers``) included (without mode and
+    precision)."""
     out: dict[str, dict[str, Any]] = {}
     for precision in PRECISIONS:
         row = min((r for r in rows if (r.mode, r.precision) == (mode, precision)), key=lambda r: r.median_s)
@@ -289,7 +308,7 @@ def run_bench(recipe: Any, overrides: Iterable[str] = (), batch: int = 1, reps: 
     Keys: ``recipe``, ``device``, ``threads``, ``torch``, ``batch``, ``reps``, ``overrides``, ``input_shapes``,
     ``peak_gflops`` (``fp32``, ``bf16``: the matmul's GFLOP/s), ``gflops`` (``forward``,
     ``train_step``: FLOPs of one batch / 1e9), ``forward`` and ``train_step`` (precision → the
-    fastest backend's ``median_s``, ``peak_mem_gb``, ``backend``, ``gflops_per_s``,
+    fastest row's ``median_s``, ``peak_mem_gb``, ``backend``, ``levers``, ``gflops_per_s``,
     ``fraction_of_peak``, ``speedup``) and ``rows`` (every combination, with ``mode`` and ``precision``).
     """
     _check_positive("--reps", reps)
@@ -311,11 +330,12 @@ def run_bench(recipe: Any, overrides: Iterable[str] = (), batch: int = 1, reps: 
 
 # output ------------------------------------------------------------------------------------------
 
-COLUMNS = ("mode", "precision", "attention", "ms (median)", "peak GB", "GFLOP/s", "% of peak", "vs eager fp32")
+COLUMNS = ("mode", "precision", "attention", "levers", "ms (median)", "peak GB", "GFLOP/s", "% of peak",
+           "vs eager fp32")
 
 
 def _cells(row: Mapping[str, Any]) -> list[str]:
-    return [row["mode"], row["precision"], row["backend"], f"{1e3 * row['median_s']:.2f}",
+    return [row["mode"], row["precision"], row["backend"], row.get("levers") or "-", f"{1e3 * row['median_s']:.2f}",
             f"{row['peak_mem_gb']:.3f}", f"{row['gflops_per_s']:.1f}", f"{100 * row['fraction_of_peak']:.1f}",
             f"{row['speedup']:.2f}×"]
 
@@ -336,7 +356,7 @@ def render(result: Mapping[str, Any]) -> Any:
     table = Table(title=f"{result['recipe']} on {result['device']}", title_justify="left",
                   caption=_context(result), caption_justify="left")
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col in COLUMNS[:3] else "right", no_wrap=True)
+        table.add_column(col, justify="left" if col in COLUMNS[:4] else "right", no_wrap=True)
     for row in result["rows"]:
         table.add_row(*_cells(row))
     return table
