@@ -6,9 +6,10 @@ Each configuration runs in its own process (a fresh allocator, so the peak RSS i
 the recipe with random weights (:class:`fusionkit.engine.bench.Workload`, ``frames`` frames of the
 recipe's video size), apply the levers as ``fusionkit train`` does (``train.frozen_precision``:
 :func:`fusionkit.engine.device.cast_frozen`; ``train.recompute_experts``: ``model.recompute``), then
-time ``--reps`` train steps (forward, loss, backward, AdamW) after one warm-up. Memory: the growth
-of the process's peak RSS over its RSS after building (activations, gradients, optimizer state,
-autocast's weight copies). Ratios within one run only.
+time ``--reps`` train steps (forward, loss, backward, AdamW) after one warm-up. Memory, two ways:
+what autograd keeps for the backward of one forward (:func:`saved_activations_gb`: exact, the
+activation memory the levers act on), and the growth of the process's peak RSS over its RSS after
+building (also gradients, optimizer state and the allocator's slack). Ratios within one run only.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import time
 import torch
 from report import device_label, markdown_table, write_section
 
-from fusionkit.engine.bench import Workload, _max_rss, _reset_peak, measure
-from fusionkit.engine.device import cast_frozen
+from fusionkit.engine.bench import Workload, _max_rss, _reset_peak, head_loss, measure
+from fusionkit.engine.device import autocast, cast_frozen
+from fusionkit.recipes import load_recipe
 
 CONFIGS = {  # name -> (precision, frozen_precision, recompute_experts)
     "fp32": ("fp32", None, False),
@@ -34,20 +36,46 @@ CONFIGS = {  # name -> (precision, frozen_precision, recompute_experts)
 }
 
 
-def overrides(frames: int) -> list[str]:
-    return [f"inputs.video=[3,{frames},224,224]", f"experts.temporal.num_frames={frames}"]
+def overrides(recipe: str, frames: int) -> list[str]:
+    """``frames`` frames of the recipe's video size (its VideoMAE experts' ``num_frames`` with them)."""
+    cfg = load_recipe(recipe)
+    c, _, h, w = cfg["inputs"]["video"]
+    return [f"inputs.video=[{c},{frames},{h},{w}]"] + [f"experts.{e}.num_frames={frames}" for e, spec in
+                                                       cfg["experts"].items() if spec and spec.get("type") == "videomae_vit"]
+
+
+def saved_activations_gb(work: Workload, precision: str) -> float:
+    """GB of the tensors autograd keeps for the backward of one train-mode forward (parameters left out,
+    each storage once): activations, and autocast's low-precision weight copies. Inside checkpointed steps
+    the checkpoint's own hooks take over, so only what it keeps (the steps' inputs) is counted."""
+    params = {p.untyped_storage().data_ptr() for p in work.model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    work.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(work.device, precision):
+        loss = head_loss(work.model(work.inputs), work.labels)
+    loss.backward()
+    work.optimizer.zero_grad(set_to_none=True)
+    return sum(seen.values()) / 1e9
 
 
 def one(recipe: str, frames: int, batch: int, reps: int, name: str) -> dict[str, float]:
     """Measure configuration ``name`` in this process."""
     precision, frozen, recompute = CONFIGS[name]
-    work = Workload.build(recipe, overrides(frames), batch)
+    work = Workload.build(recipe, overrides(recipe, frames), batch)
     cast_frozen(work.model, frozen or "fp32")
     work.model.recompute = recompute
     _reset_peak(work.device)
     after_build = _max_rss()
     seconds, _ = measure(work.run("train_step", precision), reps, work.device)
-    return {"seconds": seconds, "memory_gb": max(_max_rss() - after_build, 0) / 1e9, "rss_gb": _max_rss() / 1e9}
+    memory, rss = max(_max_rss() - after_build, 0) / 1e9, _max_rss() / 1e9
+    return {"seconds": seconds, "memory_gb": memory, "rss_gb": rss, "saved_gb": saved_activations_gb(work, precision)}
 
 
 def table(recipe: str, frames: int, batch: int, reps: int) -> tuple[str, float]:
@@ -58,9 +86,11 @@ def table(recipe: str, frames: int, batch: int, reps: int) -> tuple[str, float]:
         rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(name, rows[name], flush=True)
     base = rows["fp32"]
-    cells = [[name, f"{r['seconds']:.2f}", f"{base['seconds'] / r['seconds']:.2f}×", f"{r['memory_gb']:.2f}",
+    cells = [[name, f"{r['seconds']:.2f}", f"{base['seconds'] / r['seconds']:.2f}×", f"{r['saved_gb']:.3f}",
+              f"{r['saved_gb'] / max(base['saved_gb'], 1e-9):.2f}", f"{r['memory_gb']:.2f}",
               f"{r['memory_gb'] / max(base['memory_gb'], 1e-9):.2f}", f"{r['rss_gb']:.2f}"] for name, r in rows.items()]
-    header = ["levers", "train step s", "vs fp32", "step memory GB", "vs fp32", "peak RSS GB"]
+    header = ["levers", "train step s", "vs fp32", "saved for backward GB", "vs fp32", "step memory GB", "vs fp32",
+              "peak RSS GB"]
     return markdown_table(header, cells), time.perf_counter() - t0
 
 
