@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from fusionkit.attention import use_backend, xformers_available
 from fusionkit.describe import describe, flop_counter
+from fusionkit.engine.commands import recipe_parser
 from fusionkit.engine.config import train_config
 from fusionkit.engine.device import autocast, cast_frozen, pick_device
 from fusionkit.engine.optim import build_optimizer
@@ -391,13 +392,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``bench RECIPE [overrides ...] [--batch N] [--reps R] [--json] [--out FILE]``."""
-    p = subparsers.add_parser("bench", help="forward / train-step speed of a recipe per precision and attention backend",
-                              description="Time a forward and a training step (AdamW over the trainable parameters) "
-                                          "of a recipe with random weights, in fp32 and bf16, with every attention "
-                                          "backend that runs here; peak memory, GFLOP/s against a matmul peak, and "
-                                          "the speed-up over eager fp32, all measured in one run.")
-    p.add_argument("recipe", help="recipe file or name in recipes/ (e.g. cast, tiny)")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. fusion.bca.ratio=0.25 train.device=cpu")
+    p = recipe_parser(subparsers, "bench", "forward / train-step speed of a recipe per precision and attention backend",
+                      "Time a forward and a training step (AdamW over the trainable parameters) of a recipe with "
+                      "random weights, in fp32 and bf16, with every attention backend that runs here and the train "
+                      "levers; peak memory, GFLOP/s against a matmul peak, and the speed-up over eager fp32, all "
+                      "measured in one run.")
     p.add_argument("--batch", type=int, default=1, help="samples per batch (default 1)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per combination after one warm-up (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table (no progress line)")

@@ -109,8 +109,8 @@ def _quiet_console() -> Any:
     return Console(stderr=True)
 
 
-def _recipe_parser(subparsers: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
-    """A sub-command taking ``RECIPE [overrides ...]``, as every engine command does."""
+def recipe_parser(subparsers: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A sub-command taking ``RECIPE [overrides ...]``, as every engine command does (bench and inspect too)."""
     p = subparsers.add_parser(name, help=help, description=description)
     p.add_argument("recipe", help="recipe file or name in recipes/ (e.g. cast, tiny)")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.base_lr=5e-4 fusion.bca.ratio=0.25")
@@ -120,7 +120,7 @@ def _recipe_parser(subparsers: Any, name: str, help: str, description: str) -> a
 def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
     """Add ``train``, ``eval``, ``predict`` and ``config`` to an ``add_subparsers()`` object."""
     parsers = []
-    p = _recipe_parser(subparsers, "train", "train a recipe on its data section (torchrun for several GPUs)",
+    p = recipe_parser(subparsers, "train", "train a recipe on its data section (torchrun for several GPUs)",
                        "Train the model of a recipe on its data.train set, validating on data.val. Settings come "
                        "from the recipe's train section; override any key with key=value (e.g. train.epochs=10 "
                        "train.batch_size=4).")
@@ -131,7 +131,7 @@ def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
     p.set_defaults(func=cmd_train)
     parsers.append(p)
 
-    p = _recipe_parser(subparsers, "eval", "metrics of a checkpoint on the recipe's validation set(s)",
+    p = recipe_parser(subparsers, "eval", "metrics of a checkpoint on the recipe's validation set(s)",
                        "Top-1/top-5 per head, mean class accuracy, action accuracy (and the harmonic mean across "
                        "several sets) of a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by fusionkit train")
@@ -146,7 +146,7 @@ def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
     p.set_defaults(func=cmd_eval)
     parsers.append(p)
 
-    p = _recipe_parser(subparsers, "predict", "top-5 classes per head for a clip, a folder of clips or a manifest",
+    p = recipe_parser(subparsers, "predict", "top-5 classes per head for a clip, a folder of clips or a manifest",
                        "Decode one clip (or read a pre-decoded .safetensors clip) and print the top classes of "
                        "every head; or predict every file of a folder or every row of a manifest, batched, and "
                        "write one row per clip to --out (CSV or JSON Lines).")
@@ -164,7 +164,7 @@ def add_command(subparsers: Any) -> list[argparse.ArgumentParser]:
     p.set_defaults(func=cmd_predict)
     parsers.append(p)
 
-    p = _recipe_parser(subparsers, "config", "the resolved recipe with every train.* / eval.* key and its default",
+    p = recipe_parser(subparsers, "config", "the resolved recipe with every train.* / eval.* key and its default",
                        "Print the recipe as `fusionkit train` runs it (bases merged, overrides applied) as YAML, its "
                        "train and eval sections with every key: '# default' keeps the default, '# default: X' "
                        "marks a changed one.")

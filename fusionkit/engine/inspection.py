@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from fusionkit.attention import AttentionRecord, recording
+from fusionkit.engine.commands import recipe_parser
 from fusionkit.errors import UsageError
 
 
@@ -236,13 +237,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def add_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``inspect RECIPE [overrides] --video FILE [--checkpoint C] [--out DIR] [--json]``."""
-    p = subparsers.add_parser("inspect", help="cross-attention entropy and maps per layer of every fusion direction",
-                              description="Run the recipe's model on one clip and report, per fusion direction "
-                              "and layer, the entropy of its attention rows (CA²ST Fig. 8); --out writes "
-                              "entropy.json, entropy.png and attention_<direction>.png (the attention each key "
-                              "patch receives, over the key expert's frames or spectrogram).")
-    p.add_argument("recipe", help="recipe file or name in recipes/ (e.g. cast, tiny)")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides")
+    p = recipe_parser(subparsers, "inspect", "cross-attention entropy and maps per layer of every fusion direction",
+                      "Run the recipe's model on one clip and report, per fusion direction and layer, the entropy "
+                      "of its attention rows (CA²ST Fig. 8); --out writes entropy.json, entropy.png and "
+                      "attention_<direction>.png (the attention each key patch receives, over the key expert's "
+                      "frames or spectrogram).")
     p.add_argument("--video", required=True, help="media file (or .safetensors with the recipe's input tensors)")
     p.add_argument("--checkpoint", default=None, help="a .safetensors checkpoint (default: untrained operators)")
     p.add_argument("--out", default=None, metavar="DIR", help="write entropy.json and the PNGs there")
