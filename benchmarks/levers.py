@@ -1,8 +1,10 @@
 """Train-step time and memory of the precision / memory levers of ``fusionkit train``, on one recipe.
 
-    .venv/bin/python benchmarks/levers.py [--recipe cast] [--frames 8] [--batch 1] [--reps 2] [--out docs/benchmarks.md]
+    .venv/bin/python benchmarks/levers.py [--recipe cast[,cava,...]] [--frames 8] [--batch 1] [--reps 2]
+                                          [--configs "fp32,fp32 + recompute"] [--out docs/benchmarks.md]
 
-Each configuration runs in its own process (a fresh allocator, so the peak RSS is its own): build
+Several recipes (comma-separated) go into one table with a recipe column; ``--frames`` sets the video
+length of recipes with a ``video`` input (default: each recipe's own). Each configuration runs in its own process (a fresh allocator, so the peak RSS is its own): build
 the recipe with random weights (:class:`fusionkit.engine.bench.Workload`, ``frames`` frames of the
 recipe's video size), apply the levers as ``fusionkit train`` does (``train.frozen_precision``:
 :func:`fusionkit.engine.device.cast_frozen`; ``train.recompute_experts``: ``model.recompute``), then
@@ -36,9 +38,12 @@ CONFIGS = {  # name -> (precision, frozen_precision, recompute_experts)
 }
 
 
-def overrides(recipe: str, frames: int) -> list[str]:
-    """``frames`` frames of the recipe's video size (its VideoMAE experts' ``num_frames`` with them)."""
+def overrides(recipe: str, frames: int | None) -> list[str]:
+    """``frames`` frames of the recipe's video size (its VideoMAE experts' ``num_frames`` with them); none
+    when ``frames`` is None or the recipe has no ``video`` input."""
     cfg = load_recipe(recipe)
+    if frames is None or "video" not in cfg["inputs"]:
+        return []
     c, _, h, w = cfg["inputs"]["video"]
     return [f"inputs.video=[{c},{frames},{h},{w}]"] + [f"experts.{e}.num_frames={frames}" for e, spec in
                                                        cfg["experts"].items() if spec and spec.get("type") == "videomae_vit"]
@@ -65,7 +70,7 @@ def saved_activations_gb(work: Workload, precision: str) -> float:
     return sum(seen.values()) / 1e9
 
 
-def one(recipe: str, frames: int, batch: int, reps: int, name: str) -> dict[str, float]:
+def one(recipe: str, frames: int | None, batch: int, reps: int, name: str) -> dict[str, float]:
     """Measure configuration ``name`` in this process."""
     precision, frozen, recompute = CONFIGS[name]
     work = Workload.build(recipe, overrides(recipe, frames), batch)
@@ -78,40 +83,60 @@ def one(recipe: str, frames: int, batch: int, reps: int, name: str) -> dict[str,
     return {"seconds": seconds, "memory_gb": memory, "rss_gb": rss, "saved_gb": saved_activations_gb(work, precision)}
 
 
-def table(recipe: str, frames: int, batch: int, reps: int) -> tuple[str, float]:
-    rows, t0 = {}, time.perf_counter()
-    for name in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, "--one", name, "--recipe", recipe, "--frames", str(frames),
-                              "--batch", str(batch), "--reps", str(reps)], capture_output=True, text=True, check=True)
+def measure_all(recipe: str, frames: int | None, batch: int, reps: int, configs: list[str]) -> dict[str, dict]:
+    """Every configuration of ``configs`` on ``recipe``, each in its own child process."""
+    rows = {}
+    for name in configs:
+        cmd = [sys.executable, __file__, "--one", name, "--recipe", recipe, "--batch", str(batch), "--reps", str(reps)]
+        out = subprocess.run(cmd + (["--frames", str(frames)] if frames else []), capture_output=True, text=True,
+                             check=True)
         rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(name, rows[name], flush=True)
-    base = rows["fp32"]
-    cells = [[name, f"{r['seconds']:.2f}", f"{base['seconds'] / r['seconds']:.2f}×", f"{r['saved_gb']:.3f}",
-              f"{r['saved_gb'] / max(base['saved_gb'], 1e-9):.2f}", f"{r['memory_gb']:.2f}",
-              f"{r['memory_gb'] / max(base['memory_gb'], 1e-9):.2f}", f"{r['rss_gb']:.2f}"] for name, r in rows.items()]
-    header = ["levers", "train step s", "vs fp32", "saved for backward GB", "vs fp32", "step memory GB", "vs fp32",
-              "peak RSS GB"]
+        print(recipe, name, rows[name], file=sys.stderr, flush=True)
+    return rows
+
+
+def table(recipes: list[str], frames: int | None, batch: int, reps: int, configs: list[str]) -> tuple[str, float]:
+    """The markdown table (ratios against each recipe's first configuration) and the seconds it took."""
+    cells, t0 = [], time.perf_counter()
+    for recipe in recipes:
+        rows = measure_all(recipe, frames, batch, reps, configs)
+        base = rows[configs[0]]
+        for name, r in rows.items():
+            cells.append([recipe] * (len(recipes) > 1) + [
+                name, f"{r['seconds']:.2f}", f"{base['seconds'] / r['seconds']:.2f}×", f"{r['saved_gb']:.3f}",
+                f"{r['saved_gb'] / max(base['saved_gb'], 1e-9):.2f}", f"{r['memory_gb']:.2f}",
+                f"{r['memory_gb'] / max(base['memory_gb'], 1e-9):.2f}", f"{r['rss_gb']:.2f}"])
+    first = configs[0]
+    header = ["recipe"] * (len(recipes) > 1) + ["levers", "train step s", f"vs {first}", "saved for backward GB",
+                                               f"vs {first}", "step memory GB", f"vs {first}", "peak RSS GB"]
     return markdown_table(header, cells), time.perf_counter() - t0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="cast")
-    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from: " + ", ".join(CONFIGS))
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process of one configuration
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.recipe, args.frames, args.batch, args.reps, args.one)))
         return
-    body, seconds = table(args.recipe, args.frames, args.batch, args.reps)
+    recipes, configs = args.recipe.split(","), args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown --configs {unknown}; known: {list(CONFIGS)}")
+    body, seconds = table(recipes, args.frames, args.batch, args.reps, configs)
     device = device_label(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    heading = f"## Memory and precision levers: {args.recipe} train step on {device}"
-    text = (f"{heading}\n\n`benchmarks/levers.py --recipe {args.recipe} --frames {args.frames} --batch {args.batch} --reps "
-            f"{args.reps}`, {torch.get_num_threads()} threads, torch {torch.__version__}; one process per row, "
-            f"median of {args.reps} train steps after a warm-up; step memory: growth of the peak RSS over the "
+    size = f"{args.frames} frames" if args.frames else "each recipe's inputs"
+    heading = f"## Memory and precision levers: {', '.join(recipes)} train step ({size}, batch {args.batch}) on {device}"
+    command = f"benchmarks/levers.py --recipe {args.recipe}" + (f" --frames {args.frames}" if args.frames else "")
+    command += f" --batch {args.batch} --reps {args.reps}" + (f' --configs "{args.configs}"' if configs != list(CONFIGS) else "")
+    text = (f"{heading}\n\n`{command}`, {torch.get_num_threads()} threads, torch {torch.__version__}; one process per "
+            f"row, median of {args.reps} train steps after a warm-up; step memory: growth of the peak RSS over the "
             f"built model's; {seconds:.0f} s in all.\n\n{body}\n")
     print(text)
     if args.out:

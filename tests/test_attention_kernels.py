@@ -469,3 +469,40 @@ def test_attention_module_bias_and_validation():
         Attention(10, 4)
     with pytest.raises(ValueError, match="qkv_bias"):
         Attention(D, HEADS, qkv_bias="kv")
+
+
+@pytest.mark.parametrize(("dtype", "grad", "keys", "expected"), [
+    (torch.bfloat16, True, 197, "eager"), (torch.float16, True, 1023, "eager"),
+    (torch.bfloat16, True, 1024, "sdpa"), (torch.bfloat16, False, 197, "sdpa"), (torch.float32, True, 197, "sdpa"),
+], ids=["bf16-train-short", "fp16-train-1023", "bf16-train-1024-keys", "bf16-no-grad", "fp32-train"])
+def test_auto_on_cpu_trains_short_low_precision_attention_eagerly(dtype, grad, keys, expected):
+    """The CPU rule of `auto`: eager only where autograd records a bf16/fp16 call with < 1024 keys."""
+    from fusionkit.attention.kernels import CPU_EAGER_TRAINING_KEYS
+
+    assert CPU_EAGER_TRAINING_KEYS == 1024
+    q = torch.randn(1, 2, 8, 16, dtype=dtype, requires_grad=grad)
+    k = torch.randn(1, 2, keys, 16, dtype=dtype)
+    assert resolve_backend(q, k) == expected
+    with torch.no_grad():
+        assert resolve_backend(q, k) == "sdpa"
+    with use_backend("sdpa"):
+        assert resolve_backend(q, k) == "sdpa"
+
+
+def test_auto_bf16_training_equals_the_eager_kernel_and_matches_sdpa():
+    """Under `auto` a short bf16 training call is the eager kernel bit for bit (forward and gradients),
+    and within bf16 rounding of SDPA's."""
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(2, 4, 50, 32, generator=gen).bfloat16() for _ in range(3)]
+    g = torch.randn(2, 4, 50, 32, generator=gen).bfloat16()
+    results = {}
+    for backend in ("auto", "eager", "sdpa"):
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        with use_backend(backend):
+            out = attention(q, k, v)
+        (out.float() * g.float()).sum().backward()
+        results[backend] = [out, q.grad, k.grad, v.grad]
+    for a, e in zip(results["auto"], results["eager"]):
+        assert torch.equal(a, e)
+    for a, s in zip(results["auto"], results["sdpa"]):
+        torch.testing.assert_close(a.float(), s.float(), atol=0.05, rtol=0.05)

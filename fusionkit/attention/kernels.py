@@ -9,7 +9,9 @@ sdpa      ``torch.nn.functional.scaled_dot_product_attention``
 xformers  ``xformers.ops.memory_efficient_attention`` (CUDA only; imported lazily; BMHK layout)
 ========  ==================================================================================
 
-``auto`` (the default) picks xformers for CUDA tensors of a dtype it has a kernel for, else SDPA.
+``auto`` (the default) picks xformers for CUDA tensors of a dtype it has a kernel for; on CPU the eager
+kernel for bf16 / fp16 calls that autograd records with fewer than ``CPU_EAGER_TRAINING_KEYS`` keys (its
+backward is faster there); else SDPA.
 Force one with :func:`use_backend` (a context manager) or the environment variable
 ``FUSIONKIT_ATTENTION`` (``eager`` / ``sdpa`` / ``xformers`` / ``auto``).
 
@@ -121,11 +123,26 @@ def xformers_available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32) and _xformers_ops() is not None
 
 
-def resolve_backend(q: Tensor) -> str:
-    """The backend that :func:`attention` uses for ``q`` right now."""
+# `auto` on CPU in bf16 / fp16 while autograd records: eager below this many keys. The eager backward is
+# batched matmuls; SDPA's CPU backward is 2-2.5x slower there (CLIP frames, B-CA windows) but 2x faster at
+# VideoMAE's 1568 keys (docs/benchmarks.md, "Attention kernels ... training").
+CPU_EAGER_TRAINING_KEYS = 1024
+
+
+def resolve_backend(q: Tensor, k: Tensor | None = None) -> str:
+    """The backend that :func:`attention` uses for queries ``q`` ``(B, H, Lq, K)`` and keys ``k``
+    ``(B, H, Lk, K)`` (default: ``q``) right now. ``auto``: xformers where it has a kernel (CUDA); on CPU
+    the eager kernel for a bf16 / fp16 call that autograd records with fewer than
+    :data:`CPU_EAGER_TRAINING_KEYS` keys; else SDPA."""
     name = requested_backend()
     if name == "auto":
-        return "xformers" if xformers_available(q.device, q.dtype) else "sdpa"
+        if xformers_available(q.device, q.dtype):
+            return "xformers"
+        k = q if k is None else k
+        short_training = (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+                          and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+                          and k.shape[-2] < CPU_EAGER_TRAINING_KEYS)
+        return "eager" if short_training else "sdpa"
     if name == "xformers" and not xformers_available(q.device, q.dtype):
         how = "use_backend('xformers')" if _forced else f"${ENV_VAR}=xformers"
         raise BackendError(
@@ -160,7 +177,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Bias = None, dropout_p: flo
                              f"but q has {q.shape[2]} and k has {k.shape[2]} tokens")
     if _records and any(name is not None for name, _ in _labels):
         return _recorded(q, k, v, bias, scale)
-    return KERNELS.get(resolve_backend(q))(q, k, v, bias, dropout_p, scale)
+    return KERNELS.get(resolve_backend(q, k))(q, k, v, bias, dropout_p, scale)
 
 
 @dataclass(frozen=True)

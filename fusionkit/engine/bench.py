@@ -102,8 +102,9 @@ def write_section(out: str | Path, heading: str, section: str) -> Path:
 # measuring ---------------------------------------------------------------------------------------
 
 def backends(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """The attention backends that run on ``device`` for ``dtype``: sdpa, eager, xformers where it has a kernel."""
-    return ["sdpa", "eager"] + (["xformers"] if xformers_available(device, dtype) else [])
+    """The attention backends that run on ``device`` for ``dtype``: auto (the default, its per-call rule),
+    sdpa, eager, xformers where it has a kernel."""
+    return ["auto", "sdpa", "eager"] + (["xformers"] if xformers_available(device, dtype) else [])
 
 
 def _sync(device: torch.device) -> None:
