@@ -14,7 +14,8 @@ import torch
 import fusionkit  # noqa: F401 - registers the built-ins
 from fusionkit.cli import main
 from fusionkit.engine.bench import (HEADER, MODES, PRECISIONS, Workload, backends, changed_parameters,
-                                    markdown_section, write_section)
+                                    markdown_section, measure_interleaved, write_section)
+from fusionkit.engine.device import cast_frozen
 from fusionkit.trainable import trainable_names
 
 ROW_KEYS = {"median_s", "peak_mem_gb", "backend", "gflops_per_s", "fraction_of_peak"}
@@ -119,3 +120,20 @@ def test_markdown_section_names_recipe_and_device(result, tmp_path):
     assert section.startswith(heading) and section.count("\n| ") == 1 + len(result["rows"])
     out = write_section(tmp_path / "bench.md", heading, section)
     assert section in out.read_text()
+
+
+def test_interleaved_measurement_warms_each_up_then_goes_round_robin():
+    calls: list[str] = []
+    fns = [lambda name=name: calls.append(name) for name in "abc"]
+    measured = measure_interleaved(fns, reps=2, device=torch.device("cpu"))
+    assert calls == list("abc") * 3  # one warm-up each, then two rounds of one call each
+    assert len(measured) == 3 and all(seconds >= 0 and peak >= 0 for seconds, peak in measured)
+
+
+def test_flops_are_counted_alike_under_bf16_and_after_the_frozen_cast():
+    work = Workload.build("recipes/tiny.yaml")
+    fp32 = work.flops()
+    assert fp32["train_step"] > fp32["forward"] > 0
+    assert work.flops("bf16") == fp32
+    cast_frozen(work.model, "bf16")  # the bench counts last, after its frozen-bf16 rows
+    assert work.flops("bf16") == fp32

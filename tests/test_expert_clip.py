@@ -15,6 +15,7 @@ from fusionkit.attention import Attention, TokenLayout, use_backend
 from fusionkit.experts import Block, FrameSelect
 from fusionkit.experts.clip_vit import ClipViT
 from fusionkit.experts.pretrained import PretrainedError
+from fusionkit.experts.quick_gelu import QuickGELU as OnePassQuickGELU
 from fusionkit.registry import EXPERTS
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "cast_official" / "cast_official_ek100_composition.tsv"
@@ -57,7 +58,7 @@ def frame_tokens(visual, image: torch.Tensor) -> torch.Tensor:
 def test_projected_image_feature_matches_open_clip(tmp_path, quick_gelu):
     visual, expert = reference_and_expert(tmp_path, quick_gelu=quick_gelu, project=True)
     act = type(expert.blocks[0].mlp.gelu)
-    assert act is (QuickGELU if quick_gelu else torch.nn.GELU)
+    assert act is (OnePassQuickGELU if quick_gelu else torch.nn.GELU)
     image = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         want = visual(image)
@@ -65,6 +66,20 @@ def test_projected_image_feature_matches_open_clip(tmp_path, quick_gelu):
     assert got.shape == (3, 24)
     assert want.abs().mean() > 0.1  # non-trivial
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_quick_gelu_equals_open_clips_forward_bitwise_and_its_gradient(dtype):
+    x = (torch.randn(4, 7, 64) * 3).to(dtype).requires_grad_()
+    ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(4, 7, 64).to(dtype)
+    got, want = OnePassQuickGELU()(x), QuickGELU()(ref)
+    assert torch.equal(got, want)
+    got.backward(grad)
+    want.backward(grad)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert ref.grad.abs().mean() > 0.1
+    torch.testing.assert_close(x.grad, ref.grad, **tol)
 
 
 def test_quick_gelu_matters(tmp_path):

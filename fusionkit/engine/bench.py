@@ -18,15 +18,20 @@ Then, with the fastest backend of each, the train levers (``levers`` column): ``
 (train step, fp32 and bf16) and ``train.frozen_precision: bf16`` (forward and train step, with and
 without recompute; measured last, since the cast is not undone).
 
-Each row holds the median seconds of ``--reps`` runs after one warm-up, the peak memory, the achieved
+Each row holds the median seconds of ``--reps`` runs after one warm-up, the peak memory (of the warm-up), the achieved
 GFLOP/s, its fraction of the GFLOP/s of a 2048² matmul in the same precision measured in the same
-run, and the speed-up over the eager fp32 row of the same mode (the in-run baseline).
+run, and the speed-up over the eager fp32 row of the same mode (the in-run baseline). The backends of
+one mode and precision are timed round-robin (one call of each per round), so that a busy machine's
+drift does not decide which backend wins.
 
 FLOPs count a multiply-add as 2 (torch's convention, as the matmul peak does): the forward's are
 ``gflops_torch`` of :func:`fusionkit.describe.describe` (per view) × batch; the train step's are counted
 by :class:`~torch.utils.flop_counter.FlopCounterMode` over one real forward + backward with eager
 attention (so attention's backward is counted too). Frozen experts compute input gradients only,
-so a train step is 2–3× a forward, not a fixed 3×.
+so a train step is 2–3× a forward, not a fixed 3×. They are counted after the rows: that eager pass
+leaves the CPU heap holding free blocks that later eager-attention rows would reuse instead of
+faulting in fresh pages (0 instead of ~700k page faults per cast bf16 step, which made eager look
+1.5× faster than in a training process).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (weights, activations, gradients,
 optimizer state); on CPU the growth of the process's peak RSS (``resource.getrusage``) over its RSS
@@ -138,17 +143,31 @@ def _peak_gb(device: torch.device, start: int) -> float:
 
 
 def measure(fn: Callable[[], Any], reps: int, device: torch.device) -> tuple[float, float]:
-    """Median seconds of ``reps`` calls of ``fn`` after one warm-up, and the peak memory in GB over all of them."""
-    start = _reset_peak(device)
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    """Median seconds of ``reps`` calls of ``fn`` after one warm-up, and the peak memory in GB of the warm-up."""
+    return measure_interleaved([fn], reps, device)[0]
+
+
+def measure_interleaved(fns: Sequence[Callable[[], Any]], reps: int,
+                        device: torch.device) -> list[tuple[float, float]]:
+    """Per function of ``fns``: the median seconds of ``reps`` calls and the peak memory in GB of its warm-up call.
+
+    Each function is warmed up (and its peak memory taken) once, then the timed calls go round-robin, one of each
+    per round, so that a shared machine's drift (other jobs, clocks) slows every function alike and the ratios
+    between them hold."""
+    peaks = []
+    for fn in fns:
+        start = _reset_peak(device)
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), _peak_gb(device, start)
+        peaks.append(_peak_gb(device, start))
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, own in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            own.append(time.perf_counter() - t0)
+    return [(statistics.median(own), peak) for own, peak in zip(times, peaks)]
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, reps: int) -> float:
@@ -217,16 +236,20 @@ class Workload:
         step = self.forward if mode == "forward" else self.train_step
         return lambda: step(precision)
 
-    def flops(self) -> dict[str, float]:
-        """Torch FLOPs (multiply-add = 2) of a forward and of a train step of the whole batch."""
+    def flops(self, precision: str = "fp32") -> dict[str, float]:
+        """Torch FLOPs (multiply-add = 2) of a forward and of a train step of the whole batch (counted under
+        ``precision``'s autocast: the same count, but it runs once frozen weights are cast)."""
         batch = next(iter(self.inputs.values())).shape[0]
         counter = flop_counter()
         self.model.train()
         with use_backend("eager"), counter:
-            head_loss(self.model(self.inputs), self.labels).backward()
+            with autocast(self.device, precision):
+                loss = head_loss(self.model(self.inputs), self.labels)
+            loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"forward": describe(self.model)["gflops_torch"] * 1e9 * batch,
-                "train_step": float(counter.get_total_flops())}
+        with autocast(self.device, precision):
+            forward = describe(self.model)["gflops_torch"] * 1e9 * batch
+        return {"forward": forward, "train_step": float(counter.get_total_flops())}
 
 
 def changed_parameters(work: Workload, steps: int = 2, precision: str = "fp32") -> set[str]:
@@ -264,33 +287,55 @@ def _check_positive(option: str, value: int) -> None:
         raise UsageError(f"{option} must be a positive integer, got {value}")
 
 
-def _row(work: Workload, mode: str, precision: str, backend: str, levers: str, reps: int,
-         flops: Mapping[str, float], peaks: Mapping[str, float], status: Callable[[str], None]) -> Row:
-    status(" ".join(filter(None, (mode, precision, backend, levers))))
-    work.model.recompute = "recompute" in levers
-    with use_backend(backend):
-        seconds, mem = measure(work.run(mode, precision), reps, work.device)
-    work.model.recompute = False
-    rate = flops[mode] / seconds / 1e9
-    return Row(mode, precision, backend, seconds, mem, rate, rate / peaks[precision], levers=levers)
+def _setting(work: Workload, mode: str, precision: str, backend: str, levers: str) -> Callable[[], None]:
+    """One call of ``mode`` in ``precision`` with ``backend`` forced and the recompute lever of ``levers``."""
+    run = work.run(mode, precision)
+
+    def call() -> None:
+        work.model.recompute = "recompute" in levers
+        try:
+            with use_backend(backend):
+                run()
+        finally:
+            work.model.recompute = False
+    return call
 
 
-def measure_rows(work: Workload, reps: int, flops: Mapping[str, float], peaks: Mapping[str, float],
-                 status: Callable[[str], None]) -> list[Row]:
-    """Every (mode, precision, backend) of ``work`` as built, then, with the fastest backend of each, the train
-    levers: ``train.recompute_experts`` (train step, fp32 and bf16), and, last (the cast is not undone),
-    ``train.frozen_precision: bf16`` (both modes, bf16, with and without recompute); ``status`` hears each."""
-    rows = [_row(work, mode, precision, backend, "", reps, flops, peaks, status)
-            for mode in MODES for precision, dtype in PRECISIONS.items() for backend in backends(work.device, dtype)]
-    fastest = {(r.mode, r.precision): r.backend for r in sorted(rows, key=lambda r: -r.median_s)}
-    rows += [_row(work, "train_step", p, fastest[("train_step", p)], "recompute", reps, flops, peaks, status)
-             for p in PRECISIONS]
-    cast_frozen(work.model, "bf16")
-    rows += [_row(work, mode, "bf16", fastest[(mode, "bf16")], levers, reps, flops, peaks, status)
-             for mode, levers in (("forward", "frozen bf16"), ("train_step", "frozen bf16"),
-                                  ("train_step", "frozen bf16 + recompute"))]
+def _rows(work: Workload, settings: Sequence[tuple[str, str, str, str]], reps: int,
+          status: Callable[[str], None]) -> list[Row]:
+    """Rows of ``settings`` ``(mode, precision, backend, levers)``, measured together (:func:`measure_interleaved`),
+    their rates not yet filled in (:func:`rated`)."""
+    status(", ".join(" ".join(filter(None, s)) for s in settings))
+    measured = measure_interleaved([_setting(work, *s) for s in settings], reps, work.device)
+    return [Row(mode, precision, backend, seconds, mem, 0.0, 0.0, levers=levers)
+            for (mode, precision, backend, levers), (seconds, mem) in zip(settings, measured)]
+
+
+def rated(rows: Sequence[Row], flops: Mapping[str, float], peaks: Mapping[str, float]) -> list[Row]:
+    """``rows`` with GFLOP/s, fraction of the matmul peak and speed-up over the eager fp32 row of their mode."""
     base = {r.mode: r.median_s for r in rows if (r.precision, r.backend, r.levers) == (*BASELINE, "")}
-    return [replace(r, speedup=base[r.mode] / r.median_s) for r in rows]
+    out = []
+    for r in rows:
+        rate = flops[r.mode] / r.median_s / 1e9
+        out.append(replace(r, gflops_per_s=rate, fraction_of_peak=rate / peaks[r.precision],
+                           speedup=base[r.mode] / r.median_s))
+    return out
+
+
+def measure_rows(work: Workload, reps: int, status: Callable[[str], None]) -> list[Row]:
+    """Every (mode, precision, backend) of ``work`` as built, the backends of one mode and precision measured
+    together; then, with the fastest backend of each, the train levers: ``train.recompute_experts`` (train step,
+    fp32 and bf16), and, last (the cast is not undone), ``train.frozen_precision: bf16`` (both modes, bf16, with and
+    without recompute); ``status`` hears each group."""
+    rows = [row for mode in MODES for precision, dtype in PRECISIONS.items()
+            for row in _rows(work, [(mode, precision, b, "") for b in backends(work.device, dtype)], reps, status)]
+    fastest = {(r.mode, r.precision): r.backend for r in sorted(rows, key=lambda r: -r.median_s)}
+    rows += _rows(work, [("train_step", p, fastest[("train_step", p)], "recompute") for p in PRECISIONS], reps, status)
+    cast_frozen(work.model, "bf16")
+    rows += _rows(work, [("forward", "bf16", fastest[("forward", "bf16")], "frozen bf16")], reps, status)
+    rows += _rows(work, [("train_step", "bf16", fastest[("train_step", "bf16")], levers)
+                         for levers in ("frozen bf16", "frozen bf16 + recompute")], reps, status)
+    return rows
 
 
 def best(rows: Sequence[Row], mode: str) -> dict[str, dict[str, Any]]:
@@ -317,11 +362,12 @@ def run_bench(recipe: Any, overrides: Iterable[str] = (), batch: int = 1, reps: 
     overrides = list(overrides)
     status("building the model")
     work = Workload.build(recipe, overrides, batch)
-    status("counting FLOPs")
-    flops = work.flops()
     status("matmul peak")
     peaks = {p: matmul_peak(work.device, dtype, reps) for p, dtype in PRECISIONS.items()}
-    rows = measure_rows(work, reps, flops, peaks, status)
+    rows = measure_rows(work, reps, status)
+    status("counting FLOPs")  # after the rows: its eager pass leaves the CPU heap warm for eager attention
+    flops = work.flops("bf16")
+    rows = rated(rows, flops, peaks)
     name = work.model.recipe.get("name") or str(recipe)
     return {"recipe": name, "device": device_label(work.device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "batch": batch, "reps": reps, "overrides": overrides,

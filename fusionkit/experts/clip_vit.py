@@ -25,6 +25,7 @@ from fusionkit.attention import Attention, TokenLayout
 from fusionkit.experts.base import Expert, FrameSelect, Tokens
 from fusionkit.experts.block import Block
 from fusionkit.experts.pretrained import PretrainedError, is_local_file, load_into, read_state_dict, require_online
+from fusionkit.experts.quick_gelu import QuickGELU
 from fusionkit.experts.timm_vit import frame_select_of
 from fusionkit.logs import quiet
 from fusionkit.registry import EXPERTS
@@ -53,7 +54,9 @@ def attention_from_mha(mha: nn.MultiheadAttention) -> Attention:
 
 
 def block_from_open_clip(block: nn.Module, window: str = "space", drop_path: float = 0.0) -> Block:
-    """Wrap an open_clip ``ResidualAttentionBlock`` as a fusionkit :class:`Block` (children reused)."""
+    """Wrap an open_clip ``ResidualAttentionBlock`` as a fusionkit :class:`Block` (children reused; an open_clip
+    ``QuickGELU`` in the MLP becomes fusionkit's, same forward, one-pass backward)."""
+    from open_clip.transformer import QuickGELU as OpenClipQuickGELU
     from open_clip.transformer import ResidualAttentionBlock
 
     if type(block) is not ResidualAttentionBlock:
@@ -64,6 +67,8 @@ def block_from_open_clip(block: nn.Module, window: str = "space", drop_path: flo
     if hasattr(block, "ln_1_kv"):
         raise ValueError("open_clip cross-attention blocks are not supported")
     dim = block.attn.embed_dim
+    if type(getattr(block.mlp, "gelu", None)) is OpenClipQuickGELU:
+        block.mlp.gelu = QuickGELU()
     return Block(dim, attention_from_mha(block.attn), block.mlp, block.ln_1, block.ln_2, window=window,
                  ls1=block.ls_1, ls2=block.ls_2, drop_path=drop_path)
 
