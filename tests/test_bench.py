@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import mmap
 
 import pytest
 import torch
@@ -127,7 +128,19 @@ def test_interleaved_measurement_warms_each_up_then_goes_round_robin():
     fns = [lambda name=name: calls.append(name) for name in "abc"]
     measured = measure_interleaved(fns, reps=2, device=torch.device("cpu"))
     assert calls == list("abc") * 3  # one warm-up each, then two rounds of one call each
-    assert len(measured) == 3 and all(seconds >= 0 and peak >= 0 for seconds, peak in measured)
+    assert len(measured) == 3 and all(m.seconds >= 0 and m.peak_gb >= 0 and m.page_faults < 64 for m in measured)
+
+
+def test_page_faults_count_the_fresh_pages_a_call_touches():
+    pages = 4096  # 16 MiB of 4 KiB pages, freshly mapped and written at every call
+
+    def fresh() -> None:
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
+            m.madvise(mmap.MADV_NOHUGEPAGE)  # one fault per page even where transparent huge pages are on
+            m[::mmap.PAGESIZE] = b"\1" * pages
+
+    (measured,) = measure_interleaved([fresh], reps=3, device=torch.device("cpu"))
+    assert pages <= measured.page_faults < 2 * pages
 
 
 def test_flops_are_counted_alike_under_bf16_and_after_the_frozen_cast():

@@ -18,20 +18,25 @@ Then, with the fastest backend of each, the train levers (``levers`` column): ``
 (train step, fp32 and bf16) and ``train.frozen_precision: bf16`` (forward and train step, with and
 without recompute; measured last, since the cast is not undone).
 
-Each row holds the median seconds of ``--reps`` runs after one warm-up, the peak memory (of the warm-up), the achieved
-GFLOP/s, its fraction of the GFLOP/s of a 2048² matmul in the same precision measured in the same
-run, and the speed-up over the eager fp32 row of the same mode (the in-run baseline). The backends of
-one mode and precision are timed round-robin (one call of each per round), so that a busy machine's
-drift does not decide which backend wins.
+Each row holds the median seconds of ``--reps`` runs after one warm-up, the peak memory (of the
+warm-up), the achieved GFLOP/s, its fraction of the GFLOP/s of a 2048² matmul in the same precision
+measured in the same run (its fastest call, the higher of before and after the rows), and the
+speed-up over the eager fp32 row of the same mode (the in-run baseline). The backends of one mode
+and precision are timed round-robin (one call of each per round), so that a busy machine's
+drift does not decide which backend wins. The ``page faults`` column is the median number of minor
+page faults of the process per timed call: fresh pages the allocator had to map, near 0 once the
+heap holds a step's tensors (below).
 
 FLOPs count a multiply-add as 2 (torch's convention, as the matmul peak does): the forward's are
 ``gflops_torch`` of :func:`fusionkit.describe.describe` (per view) × batch; the train step's are counted
 by :class:`~torch.utils.flop_counter.FlopCounterMode` over one real forward + backward with eager
 attention (so attention's backward is counted too). Frozen experts compute input gradients only,
-so a train step is 2–3× a forward, not a fixed 3×. They are counted after the rows: that eager pass
-leaves the CPU heap holding free blocks that later eager-attention rows would reuse instead of
-faulting in fresh pages (0 instead of ~700k page faults per cast bf16 step, which made eager look
-1.5× faster than in a training process).
+so a train step is 2–3× a forward, not a fixed 3×.
+
+On CPU the workload's device comes from :func:`~fusionkit.engine.device.pick_device`, which keeps large
+tensors on the heap (:func:`~fusionkit.engine.device.keep_cpu_heap`), as in ``fusionkit train``: without
+it, which earlier rows had left free blocks on the heap decided whether eager attention on VideoMAE's
+1568 keys faulted in ~700k fresh pages per bf16 train step or none (1.5× in its time).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (weights, activations, gradients,
 optimizer state); on CPU the growth of the process's peak RSS (``resource.getrusage``) over its RSS
@@ -51,7 +56,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -142,14 +147,37 @@ def _peak_gb(device: torch.device, start: int) -> float:
     return max(_max_rss() - start, 0) / 1e9
 
 
+class Measured(NamedTuple):
+    """What :func:`measure_interleaved` gives per function."""
+
+    seconds: float  # median of the timed calls
+    peak_gb: float  # peak memory of the warm-up call (see the module docstring)
+    page_faults: float  # median minor page faults of the process per timed call (CPU-side, also on CUDA)
+
+
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, int]:
+    """Seconds and minor page faults of one call of ``fn``, the device synchronised after it."""
+    faults, t0 = _minor_faults(), time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0, _minor_faults() - faults
+
+
 def measure(fn: Callable[[], Any], reps: int, device: torch.device) -> tuple[float, float]:
     """Median seconds of ``reps`` calls of ``fn`` after one warm-up, and the peak memory in GB of the warm-up."""
-    return measure_interleaved([fn], reps, device)[0]
+    seconds, peak, _ = measure_interleaved([fn], reps, device)[0]
+    return seconds, peak
 
 
-def measure_interleaved(fns: Sequence[Callable[[], Any]], reps: int,
-                        device: torch.device) -> list[tuple[float, float]]:
-    """Per function of ``fns``: the median seconds of ``reps`` calls and the peak memory in GB of its warm-up call.
+def measure_interleaved(fns: Sequence[Callable[[], Any]], reps: int, device: torch.device) -> list[Measured]:
+    """Per function of ``fns``: the median seconds and page faults of ``reps`` calls and the peak memory in GB of
+    its warm-up call.
 
     Each function is warmed up (and its peak memory taken) once, then the timed calls go round-robin, one of each
     per round, so that a shared machine's drift (other jobs, clocks) slows every function alike and the ratios
@@ -160,20 +188,20 @@ def measure_interleaved(fns: Sequence[Callable[[], Any]], reps: int,
         fn()
         _sync(device)
         peaks.append(_peak_gb(device, start))
-    times: list[list[float]] = [[] for _ in fns]
+    calls: list[list[tuple[float, int]]] = [[] for _ in fns]
     for _ in range(reps):
-        for fn, own in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            own.append(time.perf_counter() - t0)
-    return [(statistics.median(own), peak) for own, peak in zip(times, peaks)]
+        for fn, own in zip(fns, calls):
+            own.append(_timed(fn, device))
+    return [Measured(statistics.median(t for t, _ in own), peak, statistics.median(f for _, f in own))
+            for own, peak in zip(calls, peaks)]
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, reps: int) -> float:
-    """GFLOP/s of a ``(2048, 2048) @ (2048, 2048)`` product in ``dtype`` (2 FLOPs per multiply-add)."""
+    """GFLOP/s of the fastest of ``max(reps, 3)`` ``(2048, 2048) @ (2048, 2048)`` products in ``dtype`` after one
+    warm-up (2 FLOPs per multiply-add): what the hardware allows, so the best call, not the median."""
     a, b = (torch.randn(PEAK_SIZE, PEAK_SIZE, device=device).to(dtype) for _ in range(2))
-    seconds, _ = measure(lambda: a @ b, reps, device)
+    _timed(lambda: a @ b, device)
+    seconds = min(_timed(lambda: a @ b, device)[0] for _ in range(max(reps, 3)))
     return 2 * PEAK_SIZE ** 3 / seconds / 1e9
 
 
@@ -280,6 +308,7 @@ class Row:
     fraction_of_peak: float
     speedup: float = 1.0  # over the eager fp32 row of the same mode
     levers: str = ""  # "" (as built), or the train levers applied: "recompute", "frozen bf16", both
+    page_faults: float = 0.0  # median minor page faults of the process per timed call
 
 
 def _check_positive(option: str, value: int) -> None:
@@ -307,8 +336,8 @@ def _rows(work: Workload, settings: Sequence[tuple[str, str, str, str]], reps: i
     their rates not yet filled in (:func:`rated`)."""
     status(", ".join(" ".join(filter(None, s)) for s in settings))
     measured = measure_interleaved([_setting(work, *s) for s in settings], reps, work.device)
-    return [Row(mode, precision, backend, seconds, mem, 0.0, 0.0, levers=levers)
-            for (mode, precision, backend, levers), (seconds, mem) in zip(settings, measured)]
+    return [Row(mode, precision, backend, m.seconds, m.peak_gb, 0.0, 0.0, levers=levers, page_faults=m.page_faults)
+            for (mode, precision, backend, levers), m in zip(settings, measured)]
 
 
 def rated(rows: Sequence[Row], flops: Mapping[str, float], peaks: Mapping[str, float]) -> list[Row]:
@@ -365,7 +394,9 @@ def run_bench(recipe: Any, overrides: Iterable[str] = (), batch: int = 1, reps: 
     status("matmul peak")
     peaks = {p: matmul_peak(work.device, dtype, reps) for p, dtype in PRECISIONS.items()}
     rows = measure_rows(work, reps, status)
-    status("counting FLOPs")  # after the rows: its eager pass leaves the CPU heap warm for eager attention
+    status("matmul peak again")  # a shared machine's speed drifts: the higher of before and after the rows
+    peaks = {p: max(peaks[p], matmul_peak(work.device, dtype, reps)) for p, dtype in PRECISIONS.items()}
+    status("counting FLOPs")
     flops = work.flops("bf16")
     rows = rated(rows, flops, peaks)
     name = work.model.recipe.get("name") or str(recipe)
@@ -378,14 +409,14 @@ def run_bench(recipe: Any, overrides: Iterable[str] = (), batch: int = 1, reps: 
 
 # output ------------------------------------------------------------------------------------------
 
-COLUMNS = ("mode", "precision", "attention", "levers", "ms (median)", "peak GB", "GFLOP/s", "% of peak",
-           "vs eager fp32")
+COLUMNS = ("mode", "precision", "attention", "levers", "ms (median)", "peak GB", "page faults", "GFLOP/s",
+           "% of peak", "vs eager fp32")
 
 
 def _cells(row: Mapping[str, Any]) -> list[str]:
     return [row["mode"], row["precision"], row["backend"], row.get("levers") or "-", f"{1e3 * row['median_s']:.2f}",
-            f"{row['peak_mem_gb']:.3f}", f"{row['gflops_per_s']:.1f}", f"{100 * row['fraction_of_peak']:.1f}",
-            f"{row['speedup']:.2f}×"]
+            f"{row['peak_mem_gb']:.3f}", f"{row.get('page_faults', 0):.0f}", f"{row['gflops_per_s']:.1f}",
+            f"{100 * row['fraction_of_peak']:.1f}", f"{row['speedup']:.2f}×"]
 
 
 def _context(result: Mapping[str, Any]) -> str:
@@ -393,7 +424,7 @@ def _context(result: Mapping[str, Any]) -> str:
     return (f"batch {result['batch']}, inputs {result['input_shapes']}, median of {result['reps']} runs after one "
             f"warm-up, torch {result['torch']}, {result['threads']} threads; GFLOPs per batch: forward "
             f"{result['gflops']['forward']:.3g}, train step {result['gflops']['train_step']:.3g} (multiply-add = 2); "
-            f"2048² matmul peak: fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s (% of peak: of the "
+            f"2048² matmul peak (fastest call): fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s (% of peak: of the "
             "row's precision); vs eager fp32: speed-up over the eager fp32 row of the same mode")
 
 
