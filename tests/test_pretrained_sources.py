@@ -18,6 +18,7 @@ import fusionkit
 from fusionkit.experts import TimmViT
 from fusionkit.experts.clip_vit import ClipViT
 from fusionkit.experts.pretrained import PretrainedError, read_state_dict
+from fusionkit.experts.quick_gelu import QuickGELU
 from fusionkit.recipes import load_recipe
 
 TEXT = dict(context_length=4, vocab_size=16, width=16, heads=1, layers=1)
@@ -158,7 +159,7 @@ def test_quick_gelu_config_matching_or_unset_loads_exactly(tmp_path, quick_gelu)
     folder = save_folder(reference.state_dict(), tmp_path / "hf", "single")
     write_open_clip_config(folder, quick_gelu=True)
     expert = clip_expert(str(folder), quick_gelu=quick_gelu)
-    assert isinstance(expert.blocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    assert isinstance(expert.blocks[0].mlp.gelu, QuickGELU)  # fusionkit's, open_clip's swapped out
     image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(expert.forward_features(image), reference.visual(image), atol=1e-5, rtol=1e-5)
