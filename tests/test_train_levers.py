@@ -129,3 +129,10 @@ def test_the_engine_cpu_device_reuses_heap_pages_for_large_tensors():
     # transparent huge pages are always on; after pick_device("cpu") it is served from the heap, its pages kept
     assert plain >= 16
     assert engine < 8
+
+
+def test_fusionkit_cpu_heap_system_leaves_glibc_alone(monkeypatch):
+    from fusionkit.engine.device import keep_cpu_heap
+
+    monkeypatch.setenv("FUSIONKIT_CPU_HEAP", "system")
+    assert keep_cpu_heap.__wrapped__() is False  # the uncached function: returns before any mallopt call

@@ -46,9 +46,10 @@ def keep_cpu_heap() -> bool:
     free, so each such tensor faults in all of its pages at every step: the MLP hidden states of CLIP's 16
     frames in fp32 (39 MB) or eager attention's scores on VideoMAE's 1568 keys. On a CAST forward in fp32
     that is ~360k page faults and 11 % of the time (docs/benchmarks.md). With both thresholds at
-    :data:`CPU_HEAP_BYTES` the pages are reused; the process keeps up to 1 GiB it freed (CAST
-    train step, 16 frames, batch 2: 7–11 % faster, peak RSS equal, +0.4 GB with recompute). Process-wide and once; returns whether it applied: glibc only, and
-    not when the environment sets ``FUSIONKIT_CPU_HEAP=system`` (glibc's own thresholds)."""
+    :data:`CPU_HEAP_BYTES` the pages are reused; the process keeps up to 1 GiB it freed (CAST train
+    step, 16 frames, batch 2: 7–11 % faster, peak RSS equal, +0.4 GB with recompute). Process-wide and
+    once; returns whether it applied: glibc only, and not when the environment sets
+    ``FUSIONKIT_CPU_HEAP=system`` (glibc's own thresholds)."""
     if os.environ.get("FUSIONKIT_CPU_HEAP", "keep") == "system":
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
