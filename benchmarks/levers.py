@@ -32,9 +32,11 @@ from fusionkit.recipes import load_recipe
 CONFIGS = {  # name -> (precision, frozen_precision, recompute_experts)
     "fp32": ("fp32", None, False),
     "fp32 + recompute": ("fp32", None, True),
+    "fp32 + recompute keep_attention": ("fp32", None, "keep_attention"),
     "bf16 autocast": ("bf16", None, False),
     "bf16 + frozen bf16": ("bf16", "bf16", False),
     "bf16 + frozen bf16 + recompute": ("bf16", "bf16", True),
+    "bf16 + frozen bf16 + recompute keep_attention": ("bf16", "bf16", "keep_attention"),
 }
 
 
@@ -52,7 +54,9 @@ def overrides(recipe: str, frames: int | None) -> list[str]:
 def saved_activations_gb(work: Workload, precision: str) -> float:
     """GB of the tensors autograd keeps for the backward of one train-mode forward (parameters left out,
     each storage once): activations, and autocast's low-precision weight copies. Inside checkpointed steps
-    the checkpoint's own hooks take over, so only what it keeps (the steps' inputs) is counted."""
+    the checkpoint's own hooks take over: what it keeps is counted (the steps' inputs, and with
+    ``train.recompute_experts: keep_attention`` the fused attention kernels' outputs, which the graph routes
+    through these hooks)."""
     params = {p.untyped_storage().data_ptr() for p in work.model.parameters()}
     seen: dict[int, int] = {}
 

@@ -22,6 +22,8 @@ run at steps 2, 5, 8, 11 beside a 12-layer ViT. At each step::
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +31,10 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from fusionkit import feature_cache as fc
-from fusionkit.attention import TokenLayout, attention_label
+from fusionkit.attention import TokenLayout, attention_label, fused_kernel_ops
 from fusionkit.experts.base import Expert, Tokens
 from fusionkit.experts.layer import StepLayer, check_layers
 from fusionkit.fusion.base import SITES, FusionOp, SiteState
@@ -91,7 +94,7 @@ class FusionModel(nn.Module):
         for spec in operators:
             self._add_operator(spec, dims, layouts, rates)
         self.heads = nn.ModuleDict(dict(heads))
-        self.recompute = False  # train.recompute_experts: activation checkpointing of the experts' steps
+        self.recompute: bool | str = False  # train.recompute_experts (_expert_step): False, True, "keep_attention"
         self._cache_plans: dict[tuple[bool, ...], dict[str, tuple[int, str]]] = {}
         self.register_load_state_dict_post_hook(lambda module, keys: module._cache_plans.clear())
         for name, head in self.heads.items():
@@ -289,9 +292,12 @@ class FusionModel(nn.Module):
     def _expert_step(self, fn: Any, *args: Any) -> Any:
         """An expert's step; with ``recompute`` in training, through activation checkpointing: its
         activations are dropped after the forward and recomputed in the backward (drop-path draws
-        replayed), trading one more forward of the experts for their activation memory."""
+        replayed), trading part of one more forward of the experts for their activation memory:
+        ``True`` keeps only the step's input; ``"keep_attention"`` also what the fused attention kernels
+        return (:func:`~fusionkit.attention.fused_kernel_ops`, the dearest to recompute per byte kept)."""
         if self.recompute and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+            keep = _KEEP_ATTENTION if self.recompute == "keep_attention" else {}
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **keep)
         return fn(*args)
 
     def features(self, tokens: Mapping[str, Tokens]) -> dict[tuple[str, str | None], Tensor]:
@@ -320,3 +326,15 @@ class FusionModel(nn.Module):
                          "experts": list(first.experts) if first is not None else [],
                          "steps": [int(s) for s in ops], "site": site})
         return rows
+
+
+def _attention_kept(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective checkpointing policy: save what the fused attention kernels return, recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if op in fused_kernel_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# checkpoint() keyword arguments of `train.recompute_experts: keep_attention`; where torch has the option (2.14), the outputs
+# it keeps pass through the saved-tensor hooks around the step (save_on_cpu, memory accounting), as autograd's do
+_KEEP_ATTENTION = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _attention_kept)}
+if "respect_saved_tensors_hooks" in inspect.signature(torch.utils.checkpoint.checkpoint).parameters:
+    _KEEP_ATTENTION["respect_saved_tensors_hooks"] = True

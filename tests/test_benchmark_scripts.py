@@ -54,6 +54,18 @@ def test_levers_overrides_set_frames_only_for_video_recipes():
     assert levers.overrides("mmvit_i", 8) == []
 
 
+def test_saved_activations_count_what_each_recompute_mode_keeps():
+    """``true`` keeps the steps' inputs; ``keep_attention`` also the fused attention kernels' outputs, which the
+    selective checkpoint routes through the saved-tensor hooks around it (torch 2.14's option)."""
+    torch.manual_seed(0)
+    work = Workload.build("tiny")
+    saved = {}
+    for mode in (False, True, "keep_attention"):
+        work.model.recompute = mode
+        saved[mode] = levers.saved_activations_gb(work, "fp32")
+    assert saved[True] < saved["keep_attention"] < saved[False]
+
+
 def test_levers_rejects_an_unknown_configuration():
     out = subprocess.run([sys.executable, str(BENCHMARKS / "levers.py"), "--configs", "fp32,fp64"],
                          capture_output=True, text=True)

@@ -4,6 +4,7 @@ equal to the plain path."""
 
 from __future__ import annotations
 
+import collections
 import platform
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusionkit
+from fusionkit.attention import fused_kernel_ops
 from fusionkit.engine.checkpoint import load_weights
 from fusionkit.engine.device import autocast, cast_frozen
 from fusionkit.engine.trainer import train
@@ -55,9 +58,10 @@ def test_frozen_weights_cast_once_give_what_autocast_gives():
     assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
 
 
-def test_recomputed_expert_steps_give_the_same_gradients(monkeypatch):
+@pytest.mark.parametrize("mode", [True, "keep_attention"])
+def test_recomputed_expert_steps_give_the_same_gradients(monkeypatch, mode):
     plain, recompute = tiny().train(), tiny().train()
-    recompute.recompute = True
+    recompute.recompute = mode
     loss_a, grads_a = loss_and_grads(plain, "fp32")
     calls = []
     original = torch.utils.checkpoint.checkpoint
@@ -70,11 +74,42 @@ def test_recomputed_expert_steps_give_the_same_gradients(monkeypatch):
         torch.testing.assert_close(grads_b[k], grads_a[k], rtol=0, atol=1e-7)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the calls of every op below autograd (forward, recomputation and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.calls[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def op_calls(recompute: bool | str) -> collections.Counter:
+    model = tiny().train()
+    model.recompute = recompute
+    with OpCounter() as counter:
+        loss_and_grads(model, "fp32")
+    return counter.calls
+
+
+def test_recompute_keep_attention_keeps_the_fused_attention_outputs():
+    plain, full, kept = op_calls(False), op_calls(True), op_calls("keep_attention")
+    fused = [op for op in fused_kernel_ops() if plain[op]]
+    assert len(fused) == 1  # SDPA's CPU flash kernel ran (fp32, autograd recording)
+    expert_attention_steps = 2 * 2  # two experts x two layers; the operators' attention is not checkpointed
+    assert kept[fused[0]] == plain[fused[0]]
+    assert full[fused[0]] == plain[fused[0]] + expert_attention_steps
+    addmm = torch.ops.aten.addmm.default  # the experts' frozen Linear layers are recomputed either way
+    assert full[addmm] >= kept[addmm] > plain[addmm]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.frozen_precision=bf16"], "'train.frozen_precision' is 'bf16' but train.precision is 'fp32'"),
     (["train.frozen_precision=bf16", "train.precision=bf16", "eval.precision=fp32"],
      "'eval.precision' is 'fp32' but train.frozen_precision is 'bf16'"),
-    (["train.recompute_experts=maybe"], "'train.recompute_experts' must be true or false"),
+    (["train.recompute_experts=maybe"], "'train.recompute_experts' must be true, false or keep_attention .*, got 'maybe'"),
 ])
 def test_inconsistent_settings_are_one_error(tmp_path, overrides, message):
     with pytest.raises(RecipeError, match=message):

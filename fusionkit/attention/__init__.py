@@ -10,6 +10,7 @@ from fusionkit.attention.kernels import (
     BlockDiagonal,
     attention,
     attention_label,
+    fused_kernel_ops,
     recording,
     requested_backend,
     resolve_backend,
@@ -22,6 +23,6 @@ from fusionkit.attention.windows import Global, Local, Ragged, Space, Time, Wind
 
 __all__ = [
     "BACKENDS", "Attention", "AttentionRecord", "BlockDiagonal", "Global", "Local", "Ragged", "Space", "Time", "TokenLayout",
-    "Window", "WindowPlan", "attention", "attention_label", "make_window", "recording", "requested_backend", "resolve_backend", "use_backend",
+    "Window", "WindowPlan", "attention", "attention_label", "fused_kernel_ops", "make_window", "recording", "requested_backend", "resolve_backend", "use_backend",
     "windowed", "xformers_available",
 ]

@@ -129,6 +129,21 @@ def xformers_available(device: torch.device, dtype: torch.dtype) -> bool:
 CPU_EAGER_TRAINING_KEYS = 1024
 
 
+# The dispatcher ops SDPA's fused kernels run as (CPU flash; CUDA flash, memory-efficient, cuDNN).
+_FUSED_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+
+
+@functools.cache
+def fused_kernel_ops() -> frozenset[torch._ops.OpOverload]:
+    """The ops of the fused attention kernels that this torch build has: the outputs worth keeping under
+    activation checkpointing, since recomputing them costs ``O(L² K)`` work for an ``(B, H, L, K)`` output
+    and a ``(B, H, L)`` log-sum-exp. The eager kernel's matmuls are not among them (nor xformers' ops: the
+    checkpoint recomputes those)."""
+    aten = torch.ops.aten
+    return frozenset(getattr(aten, name).default for name in _FUSED_OPS if hasattr(aten, name))
+
+
 def resolve_backend(q: Tensor, k: Tensor | None = None) -> str:
     """The backend that :func:`attention` uses for queries ``q`` ``(B, H, Lq, K)`` and keys ``k``
     ``(B, H, Lk, K)`` (default: ``q``) right now. ``auto``: xformers where it has a kernel (CUDA); on CPU

@@ -82,10 +82,19 @@ HEADER = ("# Benchmarks\n\nTimings are compared only within one run (ratios in t
 # markdown report ---------------------------------------------------------------------------------
 
 def device_label(device: torch.device) -> str:
-    """The GPU's name, or the CPU architecture and thread count."""
+    """The GPU's name, or the CPU's model (Linux: ``/proc/cpuinfo``; else its architecture) and thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({_cpu_model() or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _cpu_model() -> str | None:
+    """The first ``model name`` of ``/proc/cpuinfo`` (e.g. ``AMD EPYC``), None where there is none."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

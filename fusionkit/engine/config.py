@@ -58,7 +58,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "clip_grad": None,          # max gradient norm (None: off)
     "precision": "fp32",        # fp32, bf16, fp16 (autocast; fp16 uses a gradient scaler)
     "frozen_precision": None,   # bf16 / fp16: frozen Linear / Conv weights stored in it once (= precision)
-    "recompute_experts": False,  # activation checkpointing of the experts' steps: less memory, one more forward
+    "recompute_experts": False,  # activation checkpointing of the experts' steps: true or keep_attention
     "compile": False,           # torch.compile the model for training (the first step compiles; logged)
     "label_smoothing": None,    # None: keep each head's own; a value overrides every single-label head
     "mixup": 0.0,               # Beta(alpha, alpha) mixup of video and audio together (0: off)
@@ -127,9 +127,11 @@ def train_config(recipe: Mapping[str, Any]) -> dict[str, Any]:
         raise RecipeError(f"recipe key 'train.frozen_precision' is {cfg['frozen_precision']!r} but train.precision "
                           f"is {cfg['precision']!r}: frozen weights are kept in the precision autocast computes in "
                           f"(set both to {cfg['frozen_precision']!r})")
-    for key in ("recompute_experts", "compile"):
-        if not isinstance(cfg[key], bool):
-            raise RecipeError(f"recipe key 'train.{key}' must be true or false, got {cfg[key]!r}")
+    if not isinstance(cfg["compile"], bool):
+        raise RecipeError(f"recipe key 'train.compile' must be true or false, got {cfg['compile']!r}")
+    if not (isinstance(cfg["recompute_experts"], bool) or cfg["recompute_experts"] == "keep_attention"):
+        raise RecipeError("recipe key 'train.recompute_experts' must be true, false or keep_attention (recompute "
+                          f"all but the attention kernels' outputs), got {cfg['recompute_experts']!r}")
     if cfg["nonfinite"] not in ("stop", "skip"):
         raise RecipeError(f"recipe key 'train.nonfinite' must be 'stop' or 'skip', got {cfg['nonfinite']!r}")
     if cfg["schedule"] not in ("cosine", "constant"):

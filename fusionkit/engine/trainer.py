@@ -261,7 +261,7 @@ class Trainer:
         model = self.build_model()
         self.model = model  # the trained model (unwrapped), for callers and tests
         self.fingerprint = frozen_fingerprint(model)  # as built (before train.frozen_precision casts them)
-        model.recompute = bool(cfg["recompute_experts"])
+        model.recompute = cfg["recompute_experts"]
         self.heads = model.heads
         check_labels(self.train_set, self.heads, "data.train")
         check_modalities(self.train_set, model, "data.train")
