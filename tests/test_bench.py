@@ -48,7 +48,8 @@ def test_rows_cover_every_backend_that_runs_here(result):
     plain = [r for r in result["rows"] if not r["levers"]]
     assert {(r["mode"], r["precision"], r["backend"]) for r in plain} == expected and len(plain) == len(expected)
     levers = [(r["mode"], r["precision"], r["levers"]) for r in result["rows"] if r["levers"]]
-    assert levers == [("train_step", "fp32", "recompute"), ("train_step", "bf16", "recompute"),
+    assert levers == [("train_step", "fp32", "recompute"), ("train_step", "fp32", "recompute keep_attention"),
+                      ("train_step", "bf16", "recompute"), ("train_step", "bf16", "recompute keep_attention"),
                       ("forward", "bf16", "frozen bf16"), ("train_step", "bf16", "frozen bf16"),
                       ("train_step", "bf16", "frozen bf16 + recompute")]
     assert device.type == "cuda" or "xformers" not in {r["backend"] for r in result["rows"]}

@@ -15,7 +15,7 @@ combination of
   where it has a kernel for the device and dtype (CUDA).
 
 Then, with the fastest backend of each, the train levers (``levers`` column): ``train.recompute_experts``
-(train step, fp32 and bf16) and ``train.frozen_precision: bf16`` (forward and train step, with and
+``true`` (``recompute``) and ``keep_attention`` (train step, fp32 and bf16) and ``train.frozen_precision: bf16`` (forward and train step, with and
 without recompute; measured last, since the cast is not undone).
 
 Each row holds the median seconds of ``--reps`` runs after one warm-up, the peak memory (of the
@@ -316,7 +316,7 @@ class Row:
     gflops_per_s: float
     fraction_of_peak: float
     speedup: float = 1.0  # over the eager fp32 row of the same mode
-    levers: str = ""  # "" (as built), or the train levers applied: "recompute", "frozen bf16", both
+    levers: str = ""  # "" (as built), or the train levers applied: "recompute" [keep_attention], "frozen bf16", both
     page_faults: float = 0.0  # median minor page faults of the process per timed call
 
 
@@ -328,9 +328,10 @@ def _check_positive(option: str, value: int) -> None:
 def _setting(work: Workload, mode: str, precision: str, backend: str, levers: str) -> Callable[[], None]:
     """One call of ``mode`` in ``precision`` with ``backend`` forced and the recompute lever of ``levers``."""
     run = work.run(mode, precision)
+    recompute = "keep_attention" if "keep_attention" in levers else "recompute" in levers
 
     def call() -> None:
-        work.model.recompute = "recompute" in levers
+        work.model.recompute = recompute
         try:
             with use_backend(backend):
                 run()
@@ -362,13 +363,14 @@ def rated(rows: Sequence[Row], flops: Mapping[str, float], peaks: Mapping[str, f
 
 def measure_rows(work: Workload, reps: int, status: Callable[[str], None]) -> list[Row]:
     """Every (mode, precision, backend) of ``work`` as built, the backends of one mode and precision measured
-    together; then, with the fastest backend of each, the train levers: ``train.recompute_experts`` (train step,
-    fp32 and bf16), and, last (the cast is not undone), ``train.frozen_precision: bf16`` (both modes, bf16, with and
+    together; then, with the fastest backend of each, the train levers: ``train.recompute_experts`` ``true`` and
+    ``keep_attention`` (train step, fp32 and bf16), and, last (the cast is not undone), ``train.frozen_precision: bf16`` (both modes, bf16, with and
     without recompute); ``status`` hears each group."""
     rows = [row for mode in MODES for precision, dtype in PRECISIONS.items()
             for row in _rows(work, [(mode, precision, b, "") for b in backends(work.device, dtype)], reps, status)]
     fastest = {(r.mode, r.precision): r.backend for r in sorted(rows, key=lambda r: -r.median_s)}
-    rows += _rows(work, [("train_step", p, fastest[("train_step", p)], "recompute") for p in PRECISIONS], reps, status)
+    rows += _rows(work, [("train_step", p, fastest[("train_step", p)], levers) for p in PRECISIONS
+                         for levers in ("recompute", "recompute keep_attention")], reps, status)
     cast_frozen(work.model, "bf16")
     rows += _rows(work, [("forward", "bf16", fastest[("forward", "bf16")], "frozen bf16")], reps, status)
     rows += _rows(work, [("train_step", "bf16", fastest[("train_step", "bf16")], levers)
