@@ -333,8 +333,9 @@ def _attention_kept(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointP
     return CheckpointPolicy.MUST_SAVE if op in fused_kernel_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-# checkpoint() keyword arguments of `train.recompute_experts: keep_attention`; where torch has the option (2.14), the outputs
-# it keeps pass through the saved-tensor hooks around the step (save_on_cpu, memory accounting), as autograd's do
+# checkpoint() keyword arguments of `train.recompute_experts: keep_attention`; where torch has the option (2.14),
+# the outputs it keeps pass through the saved-tensor hooks around the step (save_on_cpu, memory accounting), as
+# autograd's own saved tensors do
 _KEEP_ATTENTION = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _attention_kept)}
 if "respect_saved_tensors_hooks" in inspect.signature(torch.utils.checkpoint.checkpoint).parameters:
     _KEEP_ATTENTION["respect_saved_tensors_hooks"] = True

@@ -15,8 +15,8 @@ combination of
   where it has a kernel for the device and dtype (CUDA).
 
 Then, with the fastest backend of each, the train levers (``levers`` column): ``train.recompute_experts``
-``true`` (``recompute``) and ``keep_attention`` (train step, fp32 and bf16) and ``train.frozen_precision: bf16`` (forward and train step, with and
-without recompute; measured last, since the cast is not undone).
+``true`` (``recompute``) and ``keep_attention`` (train step, fp32 and bf16) and ``train.frozen_precision:
+bf16`` (forward and train step, with and without recompute; measured last, since the cast is not undone).
 
 Each row holds the median seconds of ``--reps`` runs after one warm-up, the peak memory (of the
 warm-up), the achieved GFLOP/s, its fraction of the GFLOP/s of a 2048² matmul in the same precision
@@ -364,8 +364,8 @@ def rated(rows: Sequence[Row], flops: Mapping[str, float], peaks: Mapping[str, f
 def measure_rows(work: Workload, reps: int, status: Callable[[str], None]) -> list[Row]:
     """Every (mode, precision, backend) of ``work`` as built, the backends of one mode and precision measured
     together; then, with the fastest backend of each, the train levers: ``train.recompute_experts`` ``true`` and
-    ``keep_attention`` (train step, fp32 and bf16), and, last (the cast is not undone), ``train.frozen_precision: bf16`` (both modes, bf16, with and
-    without recompute); ``status`` hears each group."""
+    ``keep_attention`` (train step, fp32 and bf16), and, last (the cast is not undone), ``train.frozen_precision:
+    bf16`` (both modes, bf16, with and without recompute); ``status`` hears each group."""
     rows = [row for mode in MODES for precision, dtype in PRECISIONS.items()
             for row in _rows(work, [(mode, precision, b, "") for b in backends(work.device, dtype)], reps, status)]
     fastest = {(r.mode, r.precision): r.backend for r in sorted(rows, key=lambda r: -r.median_s)}
